@@ -1,5 +1,6 @@
 """Data, metrics, profiling and I/O for cls.py and the scripts beside it."""
 import copy
+import itertools
 import json
 import os
 import pickle
@@ -12,7 +13,7 @@ import thop
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, Subset
 from torchvision import datasets, transforms
 from torchvision.datasets.utils import download_and_extract_archive
 
@@ -20,7 +21,12 @@ from model import WNConv2d, WNLinear
 
 
 class UserError(Exception):
-    """Bad input or environment: cls.py prints the message as one line and exits non-zero."""
+    """Bad input or environment, or a run stopped on purpose: cls.py prints the message as one line on
+    stderr and exits with exit_code."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 # -----------------------------------------------------------------------------
@@ -66,11 +72,13 @@ MEAN_STD = {
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
-NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "imagenet": 1000}
-DEFAULT_DATA_PATH = {"cifar10": "data", "cifar100": "data", "imagenet": "/home/data/imagenet/ILSVRC2012"}
+MEAN_STD["synthetic"] = MEAN_STD["cifar10"]
+NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "imagenet": 1000, "synthetic": 10}
+IMAGE_SIZE = {"cifar10": 32, "cifar100": 32, "imagenet": 224, "synthetic": 32}
+DEFAULT_DATA_PATH = {"cifar10": "data", "cifar100": "data", "imagenet": "/home/data/imagenet/ILSVRC2012",
+                     "synthetic": None}
 # Evaluation never depends on the batch (BN uses running stats there), so it runs large whatever --batch_size is.
 EVAL_BATCH_SIZE = 500
-IMAGE_SIZE = {"cifar10": 32, "cifar100": 32, "imagenet": 224}
 
 
 def _read_cifar_batch(path: Path, label_key: str) -> tuple:
@@ -124,60 +132,72 @@ class CifarLoader:
     """Batches from a uint8 split held on the training device, augmented and normalized there in one go.
 
     This replaces Dataset + DataLoader: per-image PIL transforms in worker processes cannot feed a GPU at
-    small batch sizes, while the whole of CIFAR-10 is 150 MB of uint8. Train batches follow a fresh
-    permutation each epoch, so every image is seen once; the last partial batch is kept. Augmentation is
-    torchvision's RandomCrop(32, padding=4) (zero fill) and RandomHorizontalFlip, drawn per image.
+    small batch sizes, while the whole of CIFAR-10 is 150 MB of uint8. Augmentation is torchvision's
+    RandomCrop(32, padding=4) with zero fill and RandomHorizontalFlip, drawn per image. The padded images
+    are kept beside their mirror images, so a batch is a single gather from a view of every crop of every
+    image. (A crop of the mirror at column offset c is the mirror of the crop at 2 pad - c, so with
+    uniform offsets the distribution is exactly torchvision's.)
+
+    A train epoch is a fresh permutation, so every image is seen once, and the last partial batch is kept.
+    The permutation and every image's crop and flip are drawn up front from (seed, epoch) alone, so a run
+    resumed mid-epoch replays them, and they do not depend on the number of processes. Under DDP, rank r of
+    `world` takes positions r, r + world, ... of the permutation, wrapped around to a multiple of `world` as
+    DistributedSampler pads, so every rank runs the same number of steps and the union of the ranks' k-th
+    batches is the k-th batch of one process with `world` times the batch. Evaluation shards without padding.
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, mean_std: tuple,
-                 train: bool, device: torch.device, seed: int = 0):
-        pad = 4 if train else 0
-        self.images = F.pad(images, (pad,) * 4).to(device)  # (N, 3, 32 + 2 pad, 32 + 2 pad) uint8
+                 train: bool, device: torch.device, seed: int = 0, rank: int = 0, world: int = 1):
+        self.pad = 4 if train else 0
+        padded = F.pad(images, (self.pad,) * 4)  # (N, 3, 32 + 2 pad, 32 + 2 pad) uint8
+        self.images = torch.cat([padded, padded.flip(3)]).to(device) if train else padded.to(device)
+        self.windows = self.images.unfold(2, 32, 1).unfold(3, 32, 1)  # (rows, 3, 2p + 1, 2p + 1, 32, 32), a view
         self.labels = labels.to(device)
-        self.batch_size, self.train, self.seed, self.epoch = batch_size, train, seed, 0
-        mean, std = (torch.tensor(v, device=device).view(1, 3, 1, 1) * 255 for v in mean_std)
-        self.mean, self.std = mean, std
+        self.batch_size, self.train, self.seed, self.rank, self.world = batch_size, train, seed, rank, world
+        self.epoch, self.start_step = 0, 0
+        mean, std = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in mean_std)
+        self.scale, self.shift = 1 / (255 * std), -mean / std  # (x / 255 - mean) / std as one addcmul
+        n = len(labels)
+        self.num_images = -(-n // world) if train else len(range(rank, n, world))  # this rank's share
 
-    def set_epoch(self, epoch: int) -> None:
-        """The order and the augmentation of an epoch depend only on (seed, epoch), so a resume replays them."""
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self.epoch, self.start_step = epoch, start_step
 
     def __len__(self) -> int:
         return -(-self.num_images // self.batch_size)
 
-    @property
-    def num_images(self) -> int:
-        return len(self.labels)
+    def _plan(self) -> tuple:
+        """This rank's image indices for the epoch (M,), and the rows, tops and lefts of their crops."""
+        n, device = len(self.labels), self.labels.device
+        if not self.train:
+            image = torch.arange(self.rank, n, self.world, device=device)
+            return image, image, torch.zeros_like(image), torch.zeros_like(image)
+        gen = torch.Generator(device).manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(n, device=device, generator=gen)
+        top, left = torch.randint(0, 2 * self.pad + 1, (2, n), device=device, generator=gen)
+        flip = torch.rand(n, device=device, generator=gen) < 0.5
+        mine = torch.arange(self.rank, self.num_images * self.world, self.world, device=device) % n
+        image = order[mine]
+        return image, image + n * flip[mine], top[mine], left[mine]
 
     def __iter__(self):
-        n, device = len(self.labels), self.labels.device
-        gen = torch.Generator(device).manual_seed(self.seed * 100_003 + self.epoch)
-        order = torch.randperm(n, device=device, generator=gen) if self.train else torch.arange(n, device=device)
-        for idx in order.split(self.batch_size):
-            x = self.crop_flip(self.images[idx], gen) if self.train else self.images[idx]
-            yield (x.float() - self.mean) / self.std, self.labels[idx]
-
-    @staticmethod
-    def crop_flip(x: torch.Tensor, gen: torch.Generator, size: int = 32) -> torch.Tensor:
-        """(B, C, size + 2p, size + 2p) -> (B, C, size, size): a random crop per image, mirrored with p=0.5.
-
-        One gather does both: row and column indices per image, the columns reversed for flipped images.
-        """
-        b, c, h, w = x.shape
-        device = x.device
-        top = torch.randint(0, h - size + 1, (b, 1), device=device, generator=gen)
-        left = torch.randint(0, w - size + 1, (b, 1), device=device, generator=gen)
-        flip = torch.rand(b, 1, device=device, generator=gen) < 0.5
-        i = torch.arange(size, device=device)
-        rows = top + i  # (B, size)
-        cols = left + torch.where(flip, size - 1 - i, i)  # (B, size)
-        batch = torch.arange(b, device=device).view(b, 1, 1, 1)
-        chan = torch.arange(c, device=device).view(1, c, 1, 1)
-        return x[batch, chan, rows.view(b, 1, size, 1), cols.view(b, 1, 1, size)]
+        image, row, top, left = self._plan()
+        for step in range(self.start_step, len(self)):
+            batch = slice(step * self.batch_size, (step + 1) * self.batch_size)
+            x = self.windows[row[batch], :, top[batch], left[batch]]  # (B, 3, 32, 32) uint8
+            yield torch.addcmul(self.shift, x.float(), self.scale), self.labels[image[batch]]
 
 
-def imagenet_loaders(root: str, batch_size: int, workers: int, seed: int) -> tuple:
-    """ImageFolder train/ and val/ under root, read by DataLoader workers into pinned memory."""
+def synthetic_splits(n_train: int = 50_000, n_test: int = 10_000, num_classes: int = 10) -> dict:
+    """Random uint8 images with CIFAR's shape, like pytorch/examples' --dummy: for speed, not accuracy."""
+    gen = torch.Generator().manual_seed(0)
+    return {split: (torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=gen),
+                    torch.randint(0, num_classes, (n,), generator=gen))
+            for split, n in (("train", n_train), ("test", n_test))}
+
+
+def imagenet_loaders(root: str, batch_size: int, workers: int, seed: int, rank: int = 0, world: int = 1) -> tuple:
+    """ImageFolder train/ and val/ under root, sharded over `world` ranks, read by DataLoader workers."""
     root = Path(root)
     if root.exists() and not root.is_dir():
         raise UserError(f"--data_path {root} is a file; give the folder that holds train/ and val/")
@@ -195,9 +215,21 @@ def imagenet_loaders(root: str, batch_size: int, workers: int, seed: int) -> tup
     except (FileNotFoundError, OSError) as e:  # ImageFolder raises these for a folder with no class images
         raise UserError(f"cannot read ImageNet under {root}: {e}") from None
     kwargs = dict(num_workers=workers, pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)
-    sampler = DistributedSampler(train_set, num_replicas=1, rank=0, shuffle=True, seed=seed)
+    sampler = ResumableSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=seed)
+    val_shard = Subset(val_set, range(rank, len(val_set), world))  # no padding: every image counted once
     return (EpochLoader(train_set, batch_size, sampler=sampler, **kwargs),
-            EpochLoader(val_set, EVAL_BATCH_SIZE, **kwargs))
+            EpochLoader(val_shard, EVAL_BATCH_SIZE, **kwargs))
+
+
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler that can start an epoch part-way, for a run resumed mid-epoch."""
+    start_index = 0
+
+    def __iter__(self):
+        return itertools.islice(super().__iter__(), self.start_index, None)
+
+    def __len__(self) -> int:
+        return self.num_samples - self.start_index
 
 
 class EpochLoader(DataLoader):
@@ -205,20 +237,25 @@ class EpochLoader(DataLoader):
 
     @property
     def num_images(self) -> int:
-        return len(self.sampler)
+        return getattr(self.sampler, "num_samples", len(self.dataset))
 
-    def set_epoch(self, epoch: int) -> None:
-        if isinstance(self.sampler, DistributedSampler):
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        if isinstance(self.sampler, ResumableSampler):
             self.sampler.set_epoch(epoch)
+            self.sampler.start_index = start_step * self.batch_size
 
 
-def build_loaders(args, device: torch.device) -> tuple:
-    """(train, test) loaders for args.data_name; each yields (images (B, 3, H, W) float, labels (B,))."""
+def build_loaders(args, device: torch.device, rank: int = 0, world: int = 1) -> tuple:
+    """(train, test) loaders for args.data_name, this rank's share; each yields (images (B, 3, H, W) float,
+    labels (B,)) and has set_epoch(epoch, start_step) and num_images."""
     if args.data_name == "imagenet":
-        return imagenet_loaders(args.data_path, args.batch_size, args.workers, args.seed)
-    splits, mean_std = load_cifar(args.data_path, args.data_name), MEAN_STD[args.data_name]
-    return (CifarLoader(*splits["train"], args.batch_size, mean_std, True, device, args.seed),
-            CifarLoader(*splits["test"], EVAL_BATCH_SIZE, mean_std, False, device))
+        return imagenet_loaders(args.data_path, args.batch_size, args.workers, args.seed, rank, world)
+    splits = synthetic_splits() if args.data_name == "synthetic" else load_cifar(args.data_path, args.data_name)
+    if args.subset:
+        splits = {split: (x[:args.subset], y[:args.subset]) for split, (x, y) in splits.items()}
+    mean_std = MEAN_STD[args.data_name]
+    return (CifarLoader(*splits["train"], args.batch_size, mean_std, True, device, args.seed, rank, world),
+            CifarLoader(*splits["test"], EVAL_BATCH_SIZE, mean_std, False, device, rank=rank, world=world))
 
 
 # -----------------------------------------------------------------------------
@@ -231,28 +268,21 @@ def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: tuple = (1, 5))
 
 
 # -----------------------------------------------------------------------------
-# results I/O: every file is written whole to a temporary name, then renamed, so a crash never leaves half
+# results I/O
 
 EPOCH_COLUMNS = ["epoch", "lr", "train_loss", "train_top1", "test_loss", "test_top1", "test_top5", "seconds"]
 CONFIG_COLUMNS = ["data_name", "backbone_type", "norm_type", "batch_size"]
 SUMMARY_COLUMNS = CONFIG_COLUMNS + ["epochs", "epochs_done", "status", "params_m", "flops", "best_top1",
-                                    "best_top5", "final_top1", "final_top5", "device"]
+                                    "best_top5", "final_top1", "final_top5", "world_size", "device"]
+DONE = ("finished", "diverged")  # statuses a resume leaves alone
 
 
 def run_name(args) -> str:
     return "_".join(str(getattr(args, c)) for c in CONFIG_COLUMNS)
 
 
-def check_writable(folder: str) -> None:
-    try:
-        os.makedirs(folder, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as e:
-        raise UserError(f"cannot write to --results_dir {folder} ({e.strerror}); pick another folder") from None
-
-
 def _replace(path: Path, write) -> None:
+    """Write whole to a temporary name, then rename: a crash never leaves half a file."""
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
     os.replace(tmp, path)
@@ -262,13 +292,75 @@ def write_csv(df: pd.DataFrame, path: Path) -> None:
     _replace(path, lambda tmp: df.to_csv(tmp, index=False))
 
 
-def write_json(obj: dict, path: Path) -> None:
-    _replace(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
+def read_summary(path: Path) -> pd.DataFrame:
+    return pd.read_csv(path) if path.exists() else pd.DataFrame(columns=SUMMARY_COLUMNS)
 
 
-def update_summary(path: Path, row: dict) -> None:
-    """Insert or replace the row of one configuration in summary.csv."""
-    old = pd.read_csv(path) if path.exists() else pd.DataFrame(columns=SUMMARY_COLUMNS)
-    same = (old[CONFIG_COLUMNS].astype(str) == pd.Series({c: str(row[c]) for c in CONFIG_COLUMNS})).all(axis=1)
-    new = pd.concat([old[~same], pd.DataFrame([row], columns=SUMMARY_COLUMNS)], ignore_index=True)
-    write_csv(new.sort_values(CONFIG_COLUMNS, ignore_index=True), path)
+def _same_config(df: pd.DataFrame, row: dict) -> pd.Series:
+    return (df[CONFIG_COLUMNS].astype(str) == pd.Series({c: str(row[c]) for c in CONFIG_COLUMNS})).all(axis=1)
+
+
+class RunFiles:
+    """Every file of one run, under results_dir. With enabled=False (DDP ranks other than 0) the writing
+    methods do nothing, so the training loop needs no rank checks."""
+
+    def __init__(self, results_dir: str, args, enabled: bool = True):
+        self.dir, self.name, self.enabled = Path(results_dir), run_name(args), enabled
+        self.config = {c: getattr(args, c) for c in CONFIG_COLUMNS}
+        self.statistics = self.dir / f"{self.name}_statistics.csv"
+        self.args = self.dir / f"{self.name}_args.json"
+        self.checkpoint = self.dir / f"{self.name}_checkpoint.pth"
+        self.weights = self.dir / f"{self.name}_model.pth"
+        self.summary = self.dir / "summary.csv"
+        if enabled:
+            self._check_writable()
+
+    def _check_writable(self) -> None:
+        try:
+            os.makedirs(self.dir, exist_ok=True)
+            with tempfile.TemporaryFile(dir=self.dir):
+                pass
+        except OSError as e:
+            raise UserError(f"cannot write to --results_dir {self.dir} ({e.strerror}); pick another folder") from None
+
+    def status(self):
+        """This configuration's status in summary.csv, or None if it has no row."""
+        summary = read_summary(self.summary)
+        rows = summary[_same_config(summary, self.config)]
+        return rows.status.iloc[0] if len(rows) else None
+
+    def started(self) -> bool:
+        return self.statistics.exists() or self.checkpoint.exists()
+
+    def load_checkpoint(self, device: torch.device):
+        if not self.checkpoint.exists():
+            return None
+        try:
+            return torch.load(self.checkpoint, map_location=device, weights_only=False)
+        except Exception as e:  # a truncated or foreign file: say which, do not guess
+            raise UserError(f"cannot read checkpoint {self.checkpoint} ({type(e).__name__}); "
+                            f"delete it to start the run over") from None
+
+    def save_checkpoint(self, state: dict) -> None:
+        if self.enabled:
+            _replace(self.checkpoint, lambda tmp: torch.save(state, tmp))
+
+    def save_weights(self, state: dict) -> None:
+        if self.enabled:
+            _replace(self.weights, lambda tmp: torch.save(state, tmp))
+
+    def write_args(self, args: dict) -> None:
+        if self.enabled:
+            _replace(self.args, lambda tmp: tmp.write_text(json.dumps(args, indent=2) + "\n"))
+
+    def write_history(self, history: list) -> None:
+        if self.enabled:
+            write_csv(pd.DataFrame(history, columns=EPOCH_COLUMNS), self.statistics)
+
+    def write_summary(self, row: dict) -> None:
+        """Insert or replace this configuration's row in summary.csv."""
+        if self.enabled:
+            old = read_summary(self.summary)
+            new = pd.concat([old[~_same_config(old, row)], pd.DataFrame([row], columns=SUMMARY_COLUMNS)],
+                            ignore_index=True)
+            write_csv(new.sort_values(CONFIG_COLUMNS, ignore_index=True), self.summary)

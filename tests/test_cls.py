@@ -155,3 +155,10 @@ def test_no_network_names_the_folder(tmp_path, monkeypatch):
         utils.load_cifar(str(tmp_path / "empty"), "cifar100")
     message = str(err.value)
     assert "cifar-100-python/" in message and str(tmp_path / "empty") in message and "\n" not in message
+
+
+def test_synthetic_data_runs_end_to_end(tmp_path):
+    r = run_cls("--data_name", "synthetic", "--subset", "16", "--epochs", "1", "--batch_size", "8",
+                "--results_dir", str(tmp_path / "results"))
+    assert r.returncode == 0, r.stderr
+    check_run(tmp_path / "results", "synthetic_resnet18_bn_8", "synthetic", "resnet18", "bn", 1, 10, 32)
