@@ -13,6 +13,7 @@ eager), as a table with their ratio.
 import itertools
 import time
 from contextlib import nullcontext
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -47,8 +48,7 @@ class PILCifar(torch.utils.data.Dataset):
 
 
 def standard_loader(args, device: torch.device) -> torch.utils.data.DataLoader:
-    splits = utils.synthetic_splits() if args.data_name == "synthetic" else utils.load_cifar(args.data_path, args.data_name)
-    images, labels = (t[:args.subset or None] for t in splits["train"])
+    images, labels = utils.load_splits(args)["train"]
     return torch.utils.data.DataLoader(PILCifar(images, labels, utils.MEAN_STD[args.data_name]), args.batch_size,
                                        shuffle=True, num_workers=args.workers, pin_memory=device.type == "cuda",
                                        persistent_workers=args.workers > 0)
@@ -92,14 +92,14 @@ def measure(batches, step, args, device: torch.device) -> dict:
 def train_pipelines(args, ctx: cls.Context) -> dict:
     """{name: measurement} for ours (as cls.py trains) and the standard pipeline, on one configuration."""
     torch.manual_seed(args.seed)
-    model, train_model, optimizer, _, _ = cls.build(args, ctx)
-    ours = forever(utils.build_loaders(args, ctx.device)[0], ctx.device, ctx.memory_format)
+    loader = utils.build_loaders(args, ctx.device)[0]
+    _, train_model, optimizer, _, _ = cls.build(args, ctx, loader)
+    ours = forever(loader, ctx.device, ctx.memory_format)
     name = (f"ours: device-resident data, {'bf16' if args.bf16 and ctx.device.type == 'cuda' else 'fp32'}, "
             f"{'channels_last' if ctx.memory_format == torch.channels_last else 'contiguous'}, "
             f"compile={cls.compile_mode(args, ctx)}")
     results = {name: measure(ours, lambda x, y: cls.train_step(train_model, optimizer, x, y, ctx.autocast),
                              args, ctx.device)}
-    del model, train_model, optimizer
     torch.manual_seed(args.seed)
     model = build_model(args.backbone_type, args.norm_type, utils.NUM_CLASSES[args.data_name]).to(ctx.device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
@@ -157,7 +157,7 @@ def wn_overhead(args, ctx: cls.Context) -> None:
             torch.manual_seed(0)
             model = make().to(ctx.device)
             optimizer = torch.optim.Adam(model.parameters())
-            step = lambda a, b: cls.train_step(model, optimizer, a, b, nullcontext())  # noqa: E731
+            step = partial(cls.train_step, model, optimizer, autocast=nullcontext())
             ms = measure(itertools.repeat((x, y)), step, args, ctx.device)["step (ms)"]
             best[name] = min(best.get(name, float("inf")), ms)
     print(f"{args.backbone_type}, batch {args.batch_size}, {cls.device_name(ctx.device)}, eager fp32; "
@@ -168,27 +168,24 @@ def wn_overhead(args, ctx: cls.Context) -> None:
     print(f"wn / plain step time: {best['wn'] / best['plain convs, no norm']:.3f} (budget 1.15)")
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = cls.make_parser()
     parser.add_argument("--steps", default=100, type=int, help="timed steps")
     parser.add_argument("--warmup", default=10, type=int, help="untimed steps first (compile, CUDA graphs)")
     parser.add_argument("--data_only", action="store_true", help="time the data pipelines alone")
     parser.add_argument("--wn_overhead", action="store_true", help="time WN against plain convs")
     parser.add_argument("--rounds", default=2, type=int, help="--wn_overhead: interleaved rounds")
-    args = cls.parse_args(parser=parser)
+    args = cls.parse_args(argv, parser)
     if args.data_name == "imagenet":
         parser.error("bench.py compares the CIFAR pipelines; use --data_name cifar10, cifar100 or synthetic")
-    try:
-        ctx = cls.setup(args)
-        if args.wn_overhead:
-            wn_overhead(args, ctx)
-        elif args.data_only:
-            print_table(data_pipelines(args, ctx), args, ctx, with_flops=False)
-        else:
-            print_table(train_pipelines(args, ctx), args, ctx, with_flops=True)
-    except utils.UserError as e:
-        raise SystemExit(f"bench.py: error: {e}")
+    ctx = cls.setup(args)
+    if args.wn_overhead:
+        wn_overhead(args, ctx)
+    elif args.data_only:
+        print_table(data_pipelines(args, ctx), args, ctx, with_flops=False)
+    else:
+        print_table(train_pipelines(args, ctx), args, ctx, with_flops=True)
 
 
 if __name__ == "__main__":
-    main()
+    utils.run_cli(main, "bench.py")

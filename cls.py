@@ -30,7 +30,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import utils
-from model import MODELS, NORMS, build_model
+from model import MODELS, NORMS, build_model, data_dependent_init, scale_residual_branches, wn_layers
+
+WN_RESIDUAL_SCALE = 0.0  # chosen by measurement, see README "Weight normalization at init"
 
 
 # -----------------------------------------------------------------------------
@@ -74,7 +76,11 @@ def make_parser() -> ArgumentParser:
     p.add_argument("--compile", default="auto", choices=["auto", "off", "default", "reduce-overhead"],
                    help="torch.compile mode; auto: reduce-overhead (CUDA graphs) on CUDA at batch <= 16, else off")
     p.add_argument("--sync_bn", action="store_true", help="under torchrun, BatchNorm statistics over all ranks")
-    p.add_argument("--subset", default=0, type=int, help="use the first N images of each split (0: all)")
+    p.add_argument("--subset", default=0, type=int, help="use a fixed random N images of each split (0: all)")
+    p.add_argument("--init_images", default=512, type=positive_int,
+                   help="WN's data-dependent init: training images in its one batch, whatever --batch_size is")
+    p.add_argument("--wn_residual_scale", default=WN_RESIDUAL_SCALE, type=float,
+                   help="WN: after the init, scale the last layer of every residual branch by this (1: off)")
     return p
 
 
@@ -138,7 +144,7 @@ def setup(args) -> Context:
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True
-    if world > 1:
+    if world > 1 and not dist.is_initialized():  # sweep.py runs several configurations in one process
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -149,13 +155,18 @@ def setup(args) -> Context:
 
 
 class StopSignal:
-    """SIGINT and SIGTERM become a flag that the loop polls after a step, its safe point. A second signal
-    of the same kind acts at once, as usual."""
+    """Within `with StopSignal() as stop:`, SIGINT and SIGTERM set stop.signum, which the loop polls after a
+    step, its safe point. A second signal of the same kind acts at once, as usual. The handlers before it
+    come back at the end, for callers that run several configurations in one process."""
 
-    def __init__(self):
+    def __enter__(self):
         self.signum = 0
-        for s in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(s, self._catch)
+        self.previous = {s: signal.signal(s, self._catch) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc_info):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
     def _catch(self, signum, frame):
         self.signum = signum
@@ -210,11 +221,14 @@ def train_one_epoch(model, loader, optimizer, progress: dict, ctx: Context, stop
         x = x.to(ctx.device, non_blocking=True, memory_format=ctx.memory_format)
         y = y.to(ctx.device, non_blocking=True)
         loss, correct = train_step(model, optimizer, x, y, ctx.autocast)
-        sums += torch.stack([loss.float() * len(y), correct.float(), torch.tensor(float(len(y)), device=sums.device)])
+        sums[0] += loss.float() * len(y)
+        sums[1] += correct
+        sums[2] += len(y)
         progress["step"] += 1
         bar.update(len(y))
         if progress["step"] % CHECK_EVERY == 0 or (ctx.world == 1 and stop.signum):
-            loss_sum, stopping = ctx.all_sum(torch.stack([sums[0], torch.tensor(float(stop.signum), device=sums.device)])).tolist()
+            flags = torch.stack([sums[0], torch.tensor(float(stop.signum), device=sums.device)])
+            loss_sum, stopping = ctx.all_sum(flags).tolist()
             if not math.isfinite(loss_sum):
                 raise Diverged(f"loss became {loss_sum} in epoch {progress['epoch']} by step {progress['step']}")
             if stopping:
@@ -232,8 +246,9 @@ def evaluate(model, loader, ctx: Context) -> dict:
         y = y.to(ctx.device, non_blocking=True)
         with ctx.autocast:
             logits = model(x)
-        loss = F.cross_entropy(logits.float(), y, reduction="sum")
-        sums += torch.cat([loss[None], utils.topk_correct(logits, y).float(), torch.tensor([float(len(y))], device=ctx.device)])
+        sums[0] += F.cross_entropy(logits.float(), y, reduction="sum")
+        sums[1:3] += utils.topk_correct(logits, y)
+        sums[3] += len(y)
     loss_sum, top1, top5, n = ctx.all_sum(sums).tolist()
     return {"loss": loss_sum / n, "top1": 100 * top1 / n, "top5": 100 * top5 / n}
 
@@ -241,18 +256,23 @@ def evaluate(model, loader, ctx: Context) -> dict:
 # -----------------------------------------------------------------------------
 # model, optimizer, checkpoints
 
-def build(args, ctx: Context) -> tuple:
+def build(args, ctx: Context, train_loader) -> tuple:
     """(model, train_model, optimizer, scheduler, (params, flops)). train_model is model as the train step
     calls it: wrapped for DDP and compiled where asked; evaluation and checkpoints use model itself."""
     model = build_model(args.backbone_type, args.norm_type, utils.NUM_CLASSES[args.data_name],
                         cifar_stem=args.data_name != "imagenet")
     counts = utils.count_params_flops(model, utils.IMAGE_SIZE[args.data_name])
+    model.to(ctx.device)
+    if wn_layers(model):  # before DDP wraps the model, whose constructor hands every rank rank 0's values
+        data_dependent_init(model, train_loader.init_batch(args.init_images).to(ctx.device))
+        scale_residual_branches(model, args.wn_residual_scale)
     if args.sync_bn and ctx.world > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(ctx.device, memory_format=ctx.memory_format)
     train_model = model
     if ctx.world > 1:
-        train_model = nn.parallel.DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.index is not None else None)
+        device_ids = None if ctx.device.type == "cpu" else [ctx.device.index]
+        train_model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     if compile_mode(args, ctx) != "off":
         train_model = torch.compile(train_model, mode=compile_mode(args, ctx))
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
@@ -291,8 +311,8 @@ def resume_checkpoint(args, files: utils.RunFiles, ctx: Context):
             raise utils.UserError(f"--{key} is {getattr(args, key)} but {files.checkpoint} was made with {saved}; "
                                   f"resume with the same --{key}")
     if checkpoint["args"]["world_size"] != ctx.world:
-        raise utils.UserError(f"{files.checkpoint} was made by {checkpoint['args']['world_size']} processes, this run has "
-                              f"{ctx.world}; resume with the same number")
+        raise utils.UserError(f"{files.checkpoint} was made by {checkpoint['args']['world_size']} processes, "
+                              f"this run has {ctx.world}; resume with the same number")
     return checkpoint
 
 
@@ -336,7 +356,6 @@ def main(args: argparse.Namespace) -> None:
         ctx.log(f"{files.name} is already {files.status()} in {files.dir}; nothing to do")
         return
     checkpoint = resume_checkpoint(args, files, ctx)
-    stop = StopSignal()
 
     # -------------------------------------------------------------------------
     # data
@@ -344,7 +363,7 @@ def main(args: argparse.Namespace) -> None:
 
     # -------------------------------------------------------------------------
     # model
-    model, train_model, optimizer, scheduler, (params, flops) = build(args, ctx)
+    model, train_model, optimizer, scheduler, (params, flops) = build(args, ctx, train_loader)
     history, progress = [], new_progress(1, ctx.device)
     if checkpoint:
         history, progress = restore(checkpoint, model, optimizer, scheduler, ctx)
@@ -358,55 +377,50 @@ def main(args: argparse.Namespace) -> None:
 
     # -------------------------------------------------------------------------
     # loop
-    try:
-        while progress["epoch"] <= args.epochs:
-            epoch, lr = progress["epoch"], optimizer.param_groups[0]["lr"]
-            train_loader.set_epoch(epoch, progress["step"])
-            start = time.time()
-            try:
-                train_one_epoch(train_model, train_loader, optimizer, progress, ctx, stop)
-            finally:
-                progress["seconds"] += time.time() - start
-            loss_sum, top1, n = ctx.all_sum(progress["sums"].clone()).tolist()
-            if not math.isfinite(loss_sum):
-                raise Diverged(f"loss became {loss_sum} in epoch {epoch}")
-            start = time.time()
-            test = evaluate(model, test_loader, ctx)
-            history.append({"epoch": epoch, "lr": lr, "train_loss": loss_sum / n, "train_top1": 100 * top1 / n,
-                            "test_loss": test["loss"], "test_top1": test["top1"], "test_top5": test["top5"],
-                            "seconds": progress["seconds"] + time.time() - start})
-            scheduler.step()
-            progress = new_progress(epoch + 1, ctx.device)
-            # The checkpoint lands before the CSV, so the CSV never runs ahead of what a resume restores,
-            # and the final weights before the summary says "finished".
+    with StopSignal() as stop:
+        try:
+            while progress["epoch"] <= args.epochs:
+                epoch, lr = progress["epoch"], optimizer.param_groups[0]["lr"]
+                train_loader.set_epoch(epoch, progress["step"])
+                start = time.time()
+                try:
+                    train_one_epoch(train_model, train_loader, optimizer, progress, ctx, stop)
+                finally:
+                    progress["seconds"] += time.time() - start
+                loss_sum, top1, n = ctx.all_sum(progress["sums"].clone()).tolist()
+                if not math.isfinite(loss_sum):
+                    raise Diverged(f"loss became {loss_sum} in epoch {epoch}")
+                start = time.time()
+                test = evaluate(model, test_loader, ctx)
+                history.append({"epoch": epoch, "lr": lr, "train_loss": loss_sum / n, "train_top1": 100 * top1 / n,
+                                "test_loss": test["loss"], "test_top1": test["top1"], "test_top5": test["top5"],
+                                "seconds": progress["seconds"] + time.time() - start})
+                scheduler.step()
+                progress = new_progress(epoch + 1, ctx.device)
+                # The checkpoint lands before the CSV, so the CSV never runs ahead of what a resume restores,
+                # and the final weights before the summary says "finished".
+                files.save_checkpoint(checkpoint_state(model, optimizer, scheduler, progress, history, run_args))
+                if epoch == args.epochs:
+                    files.save_weights({"model": model.state_dict(), "args": run_args})
+                files.write_history(history)
+                files.write_summary(summary_row(summary, history, "finished" if epoch == args.epochs else "incomplete"))
+                ctx.log(f"epoch {epoch}/{args.epochs}: train loss {history[-1]['train_loss']:.4f} "
+                        f"top-1 {history[-1]['train_top1']:.2f}% | test loss {test['loss']:.4f} "
+                        f"top-1 {test['top1']:.2f}% top-5 {test['top5']:.2f}%")
+        except Diverged as e:
+            files.write_history(history)  # as it was, but written even when no epoch finished
+            files.write_summary(summary_row(summary, history, "diverged"))
+            raise utils.RunDiverged(f"{files.name} diverged: {e}. Its {len(history)} finished epochs are in "
+                                    f"{files.statistics}, and summary.csv marks it diverged; a lower --lr may help"
+                                    ) from None
+        except Interrupted:
+            progress["sums"] = ctx.all_sum(progress["sums"])  # all ranks' partial sums, carried by rank 0 on resume
             files.save_checkpoint(checkpoint_state(model, optimizer, scheduler, progress, history, run_args))
-            if epoch == args.epochs:
-                files.save_weights({"model": model.state_dict(), "args": run_args})
-            files.write_history(history)
-            files.write_summary(summary_row(summary, history, "finished" if epoch == args.epochs else "incomplete"))
-            ctx.log(f"epoch {epoch}/{args.epochs}: train loss {history[-1]['train_loss']:.4f} "
-                    f"top-1 {history[-1]['train_top1']:.2f}% | test loss {test['loss']:.4f} "
-                    f"top-1 {test['top1']:.2f}% top-5 {test['top5']:.2f}%")
-    except Diverged as e:
-        files.write_history(history)  # as it was, but written even when no epoch finished
-        files.write_summary(summary_row(summary, history, "diverged"))
-        raise utils.UserError(f"{files.name} diverged: {e}. Its {len(history)} finished epochs are in "
-                              f"{files.statistics} and summary.csv marks it diverged; a lower --lr may help") from None
-    except Interrupted:
-        progress["sums"] = ctx.all_sum(progress["sums"])  # all ranks' partial sums, carried by rank 0 on resume
-        files.save_checkpoint(checkpoint_state(model, optimizer, scheduler, progress, history, run_args))
-        command = " ".join(["python", *sys.argv] + ([] if args.resume else ["--resume"]))
-        raise utils.UserError(f"stopped by {signal.Signals(stop.signum).name} in epoch {progress['epoch']} "
-                              f"after step {progress['step']}; {files.checkpoint} is saved. Continue with: "
-                              f"{command}", exit_code=128 + stop.signum) from None
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+            command = " ".join(["python", *sys.argv] + ([] if args.resume else ["--resume"]))
+            raise utils.UserError(f"stopped by {signal.Signals(stop.signum).name} in epoch {progress['epoch']} "
+                                  f"after step {progress['step']}; {files.checkpoint} is saved. Continue with: "
+                                  f"{command}", exit_code=128 + stop.signum) from None
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except utils.UserError as e:
-        print(f"cls.py: error: {e}", file=sys.stderr)
-        sys.exit(e.exit_code)
+    utils.run_cli(lambda: main(parse_args()), "cls.py")

@@ -4,6 +4,7 @@ import itertools
 import json
 import os
 import pickle
+import sys
 import tempfile
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import numpy as np
 import pandas as pd
 import thop
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler, Subset
@@ -27,6 +29,22 @@ class UserError(Exception):
     def __init__(self, message: str, exit_code: int = 1):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class RunDiverged(UserError):
+    """A NaN or infinite loss: the run is over, and sweep.py goes on to the next configuration."""
+
+
+def run_cli(main, prog: str) -> None:
+    """How every script ends: a UserError is one line on stderr and its exit code, never a traceback."""
+    try:
+        main()
+    except UserError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 # -----------------------------------------------------------------------------
@@ -166,26 +184,35 @@ class CifarLoader:
     def __len__(self) -> int:
         return -(-self.num_images // self.batch_size)
 
-    def _plan(self) -> tuple:
-        """This rank's image indices for the epoch (M,), and the rows, tops and lefts of their crops."""
+    def _plan(self, epoch: int, rank: int, world: int) -> tuple:
+        """Rank's image indices for the epoch (M,), and the rows, tops and lefts of their crops."""
         n, device = len(self.labels), self.labels.device
         if not self.train:
-            image = torch.arange(self.rank, n, self.world, device=device)
+            image = torch.arange(rank, n, world, device=device)
             return image, image, torch.zeros_like(image), torch.zeros_like(image)
-        gen = torch.Generator(device).manual_seed(self.seed * 100_003 + self.epoch)
+        gen = torch.Generator(device).manual_seed(self.seed * 100_003 + epoch)
         order = torch.randperm(n, device=device, generator=gen)
         top, left = torch.randint(0, 2 * self.pad + 1, (2, n), device=device, generator=gen)
         flip = torch.rand(n, device=device, generator=gen) < 0.5
-        mine = torch.arange(self.rank, self.num_images * self.world, self.world, device=device) % n
+        mine = torch.arange(rank, -(-n // world) * world, world, device=device) % n
         image = order[mine]
         return image, image + n * flip[mine], top[mine], left[mine]
 
+    def _images(self, row: torch.Tensor, top: torch.Tensor, left: torch.Tensor) -> torch.Tensor:
+        x = self.windows[row, :, top, left]  # (B, 3, 32, 32) uint8
+        return torch.addcmul(self.shift, x.float(), self.scale)
+
     def __iter__(self):
-        image, row, top, left = self._plan()
+        image, row, top, left = self._plan(self.epoch, self.rank, self.world)
         for step in range(self.start_step, len(self)):
             batch = slice(step * self.batch_size, (step + 1) * self.batch_size)
-            x = self.windows[row[batch], :, top[batch], left[batch]]  # (B, 3, 32, 32) uint8
-            yield torch.addcmul(self.shift, x.float(), self.scale), self.labels[image[batch]]
+            yield self._images(row[batch], top[batch], left[batch]), self.labels[image[batch]]
+
+    def init_batch(self, n: int) -> torch.Tensor:
+        """The first n images of epoch 0 as a single process draws them: the same on every rank, and
+        never a training step, since training starts at epoch 1."""
+        _, row, top, left = self._plan(0, 0, 1)
+        return self._images(row[:n], top[:n], left[:n])
 
 
 def synthetic_splits(n_train: int = 50_000, n_test: int = 10_000, num_classes: int = 10) -> dict:
@@ -244,16 +271,33 @@ class EpochLoader(DataLoader):
             self.sampler.set_epoch(epoch)
             self.sampler.start_index = start_step * self.batch_size
 
+    def init_batch(self, n: int) -> torch.Tensor:
+        """As CifarLoader.init_batch: the first n images of epoch 0 in a single process's order."""
+        order = DistributedSampler(self.dataset, num_replicas=1, rank=0, shuffle=True, seed=self.sampler.seed)
+        return torch.stack([self.dataset[i][0] for i in itertools.islice(order, n)])
+
+
+def load_splits(args) -> dict:
+    """CIFAR-shaped data as {'train': (images, labels), 'test': (...)} uint8 tensors, cut to --subset."""
+    splits = synthetic_splits() if args.data_name == "synthetic" else load_cifar(args.data_path, args.data_name)
+    if args.subset:
+        splits = {split: subset(*pair, args.subset) for split, pair in splits.items()}
+    return splits
+
+
+def subset(images: torch.Tensor, labels: torch.Tensor, n: int) -> tuple:
+    """A fixed random n of a split, the same for every --seed: not the first n, since a split may be sorted
+    by class (copies rebuilt from class folders are)."""
+    keep = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))[:n]
+    return images[keep], labels[keep]
+
 
 def build_loaders(args, device: torch.device, rank: int = 0, world: int = 1) -> tuple:
     """(train, test) loaders for args.data_name, this rank's share; each yields (images (B, 3, H, W) float,
     labels (B,)) and has set_epoch(epoch, start_step) and num_images."""
     if args.data_name == "imagenet":
         return imagenet_loaders(args.data_path, args.batch_size, args.workers, args.seed, rank, world)
-    splits = synthetic_splits() if args.data_name == "synthetic" else load_cifar(args.data_path, args.data_name)
-    if args.subset:
-        splits = {split: (x[:args.subset], y[:args.subset]) for split, (x, y) in splits.items()}
-    mean_std = MEAN_STD[args.data_name]
+    splits, mean_std = load_splits(args), MEAN_STD[args.data_name]
     return (CifarLoader(*splits["train"], args.batch_size, mean_std, True, device, args.seed, rank, world),
             CifarLoader(*splits["test"], EVAL_BATCH_SIZE, mean_std, False, device, rank=rank, world=world))
 

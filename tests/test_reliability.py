@@ -1,5 +1,6 @@
 """DDP under torchrun, checkpoints and resume, divergence, signals, determinism and not clobbering results."""
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -9,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import ROOT, run_cls, write_cifar
+from conftest import ROOT, run_cls, run_cls_here, write_cifar
 
 
 def statistics(results):
@@ -56,14 +57,6 @@ def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(tmp
         assert two[col].tolist() == one[col].tolist()
 
 
-def test_seeded_cpu_runs_are_identical_apart_from_seconds(tmp_path, data):
-    for name in ("a", "b"):
-        r = run_cls("--data_path", str(data), "--epochs", "2", "--batch_size", "8", "--seed", "3",
-                    "--results_dir", str(tmp_path / name))
-        assert r.returncode == 0, r.stderr
-    assert_same_but_seconds(statistics(tmp_path / "a"), statistics(tmp_path / "b"))
-
-
 def start_cls(*args):
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([sys.executable, str(ROOT / "cls.py"), "--device", "cpu", *args],
@@ -81,30 +74,41 @@ def wait_for_epochs(results, n, proc, timeout=300):
     raise TimeoutError
 
 
+RUN = ["--epochs", "3", "--batch_size", "4", "--seed", "3"]  # 10 steps an epoch on the 40 images
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, data):
     results = tmp_path_factory.mktemp("uninterrupted")
-    r = run_cls("--data_path", str(data), "--epochs", "3", "--batch_size", "4", "--results_dir", str(results))
+    r = run_cls("--data_path", str(data), *RUN, "--results_dir", str(results))
     assert r.returncode == 0, r.stderr
-    return statistics(results)
+    return results
+
+
+def test_seeded_cpu_runs_are_identical_apart_from_seconds(tmp_path, data, uninterrupted):
+    r = run_cls("--data_path", str(data), *RUN, "--results_dir", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert_same_but_seconds(statistics(tmp_path), statistics(uninterrupted))
 
 
 def test_sigkill_in_epoch_2_then_resume_gives_the_uninterrupted_csv(tmp_path, data, uninterrupted):
-    args = ["--data_path", str(data), "--epochs", "3", "--batch_size", "4", "--results_dir", str(tmp_path)]
+    args = ["--data_path", str(data), *RUN, "--results_dir", str(tmp_path)]
     proc = start_cls(*args)
     wait_for_epochs(tmp_path, 1, proc)
     proc.kill()
     proc.communicate()
     assert len(statistics(tmp_path)) < 3
     assert summary_row(tmp_path).status == "incomplete"
+    changed = run_cls(*args, "--resume", "--lr", "0.5")  # a resume must not mix two recipes in one CSV
+    assert changed.returncode == 1 and "--lr" in changed.stderr and len(changed.stderr.strip().splitlines()) == 1
     r = run_cls(*args, "--resume")
     assert r.returncode == 0, r.stderr
-    assert_same_but_seconds(statistics(tmp_path), uninterrupted)
+    assert_same_but_seconds(statistics(tmp_path), statistics(uninterrupted))
     assert summary_row(tmp_path).status == "finished"
 
 
 def test_sigterm_mid_epoch_leaves_a_loadable_checkpoint_and_a_consistent_csv(tmp_path, data, uninterrupted):
-    args = ["--data_path", str(data), "--epochs", "3", "--batch_size", "4", "--results_dir", str(tmp_path)]
+    args = ["--data_path", str(data), *RUN, "--results_dir", str(tmp_path)]
     proc = start_cls(*args)
     wait_for_epochs(tmp_path, 1, proc)
     time.sleep(1.0)  # into epoch 2's steps
@@ -124,37 +128,27 @@ def test_sigterm_mid_epoch_leaves_a_loadable_checkpoint_and_a_consistent_csv(tmp
 
     r = run_cls(*args, "--resume")
     assert r.returncode == 0, r.stderr
-    assert_same_but_seconds(statistics(tmp_path), uninterrupted)
+    assert_same_but_seconds(statistics(tmp_path), statistics(uninterrupted))
 
 
-def test_a_diverging_run_stops_and_is_marked_diverged(tmp_path, data):
-    r = run_cls("--data_path", str(data), "--epochs", "3", "--batch_size", "4", "--lr", "1e30",
-                "--results_dir", str(tmp_path))
-    assert r.returncode == 1
-    assert "diverged" in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+def test_a_diverging_run_stops_and_is_marked_diverged(tmp_path, data, capsys):
+    args = ["--data_path", str(data), "--epochs", "3", "--batch_size", "4", "--lr", "1e30",
+            "--results_dir", str(tmp_path)]
+    status, _, err = run_cls_here(capsys, *args)
+    assert status == 1
+    assert "diverged" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     row = summary_row(tmp_path)
     assert row.status == "diverged" and row.epochs_done == len(statistics(tmp_path)) < 3
-    again = run_cls("--data_path", str(data), "--epochs", "3", "--batch_size", "4", "--lr", "1e30",
-                    "--results_dir", str(tmp_path), "--resume")
-    assert again.returncode == 0 and "already diverged" in again.stdout
+    status, out, _ = run_cls_here(capsys, *args, "--resume")
+    assert status == 0 and "already diverged" in out
 
 
-def test_rerunning_a_finished_configuration_does_not_clobber_it(tmp_path, data):
-    args = ["--data_path", str(data), "--epochs", "1", "--batch_size", "8", "--results_dir", str(tmp_path)]
-    assert run_cls(*args).returncode == 0
+def test_rerunning_a_finished_configuration_does_not_clobber_it(tmp_path, data, uninterrupted, capsys):
+    shutil.copytree(uninterrupted, tmp_path, dirs_exist_ok=True)
+    args = ["--data_path", str(data), *RUN, "--results_dir", str(tmp_path)]
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
-    again = run_cls(*args)
-    assert again.returncode == 1 and "--resume" in again.stderr and len(again.stderr.strip().splitlines()) == 1
-    skipped = run_cls(*args, "--resume")
-    assert skipped.returncode == 0 and "already finished" in skipped.stdout
+    status, _, err = run_cls_here(capsys, *args)
+    assert status == 1 and "--resume" in err and len(err.strip().splitlines()) == 1
+    status, out, _ = run_cls_here(capsys, *args, "--resume")
+    assert status == 0 and "already finished" in out
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
-
-
-def test_resume_refuses_a_changed_recipe(tmp_path, data):
-    args = ["--data_path", str(data), "--epochs", "2", "--batch_size", "8", "--results_dir", str(tmp_path)]
-    proc = start_cls(*args)
-    wait_for_epochs(tmp_path, 1, proc)
-    proc.kill()
-    proc.communicate()
-    r = run_cls(*args, "--resume", "--lr", "0.5")
-    assert r.returncode == 1 and "--lr" in r.stderr and len(r.stderr.strip().splitlines()) == 1
