@@ -334,6 +334,16 @@ def restore(checkpoint: dict, model, optimizer, scheduler, ctx: Context) -> tupl
     return checkpoint["history"], progress
 
 
+def save_epoch(files: utils.RunFiles, state: dict, summary: dict, finished: bool) -> None:
+    """An epoch's end on disk. The checkpoint lands before the CSV, so the CSV never runs ahead of what a
+    resume restores, and the final weights before the summary says "finished"."""
+    files.save_checkpoint(state)
+    if finished:
+        files.save_weights({"model": state["model"], "args": state["args"]})
+    files.write_history(state["history"])
+    files.write_summary(summary_row(summary, state["history"], "finished" if finished else "incomplete"))
+
+
 def summary_row(base: dict, history: list, status: str) -> dict:
     row = {**base, "epochs_done": len(history), "status": status}
     if history:
@@ -397,13 +407,8 @@ def main(args: argparse.Namespace) -> None:
                                 "seconds": progress["seconds"] + time.time() - start})
                 scheduler.step()
                 progress = new_progress(epoch + 1, ctx.device)
-                # The checkpoint lands before the CSV, so the CSV never runs ahead of what a resume restores,
-                # and the final weights before the summary says "finished".
-                files.save_checkpoint(checkpoint_state(model, optimizer, scheduler, progress, history, run_args))
-                if epoch == args.epochs:
-                    files.save_weights({"model": model.state_dict(), "args": run_args})
-                files.write_history(history)
-                files.write_summary(summary_row(summary, history, "finished" if epoch == args.epochs else "incomplete"))
+                state = checkpoint_state(model, optimizer, scheduler, progress, history, run_args)
+                save_epoch(files, state, summary, finished=epoch == args.epochs)
                 ctx.log(f"epoch {epoch}/{args.epochs}: train loss {history[-1]['train_loss']:.4f} "
                         f"top-1 {history[-1]['train_top1']:.2f}% | test loss {test['loss']:.4f} "
                         f"top-1 {test['top1']:.2f}% top-5 {test['top5']:.2f}%")
