@@ -16,13 +16,12 @@ from contextlib import nullcontext
 from functools import partial
 
 import torch
-import torch.nn as nn
 from PIL import Image
 from torchvision import transforms
 
 import cls
 import utils
-from model import MODELS, Norm, ResNet, build_model, no_norm
+from model import MODELS, Norm, ResNet, build_model, conv2d, no_norm
 
 # Dense bf16 tensor-core peaks from NVIDIA's data sheets, in TFLOP/s; matched in order against the name.
 PEAK_BF16_TFLOPS = [("H100 PCIe", 756), ("H100", 989), ("H200", 989), ("A100", 312)]
@@ -57,13 +56,13 @@ def standard_loader(args, device: torch.device) -> torch.utils.data.DataLoader:
 # -----------------------------------------------------------------------------
 # measuring
 
-def forever(loader, device: torch.device, memory_format=torch.contiguous_format):
+def forever(loader, to_device):
     """Batches on the device, epoch after epoch."""
     for epoch in itertools.count(1):
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(epoch)
         for x, y in loader:
-            yield x.to(device, non_blocking=True, memory_format=memory_format), y.to(device, non_blocking=True)
+            yield to_device(x, y)
 
 
 def sync(device: torch.device) -> None:
@@ -89,12 +88,17 @@ def measure(batches, step, args, device: torch.device) -> dict:
     return {"images/s": images / seconds, "step (ms)": 1000 * seconds / args.steps, "peak memory (MiB)": peak}
 
 
-def train_pipelines(args, ctx: cls.Context) -> dict:
-    """{name: measurement} for ours (as cls.py trains) and the standard pipeline, on one configuration."""
+def contiguous(ctx: cls.Context):
+    """The standard pipeline's batches: on the device, in the default memory format."""
+    return lambda x, y: (x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True))
+
+
+def train_pipelines(args, ctx: cls.Context) -> tuple:
+    """({name: measurement} for ours, as cls.py trains, and the standard pipeline; the model's MACs)."""
     torch.manual_seed(args.seed)
     loader = utils.build_loaders(args, ctx.device)[0]
-    _, train_model, optimizer, _, _ = cls.build(args, ctx, loader)
-    ours = forever(loader, ctx.device, ctx.memory_format)
+    _, train_model, optimizer, _, (_, macs) = cls.build(args, ctx, loader)
+    ours = forever(loader, ctx.to_device)
     name = (f"ours: device-resident data, {'bf16' if args.bf16 and ctx.device.type == 'cuda' else 'fp32'}, "
             f"{'channels_last' if ctx.memory_format == torch.channels_last else 'contiguous'}, "
             f"compile={cls.compile_mode(args, ctx)}")
@@ -103,34 +107,34 @@ def train_pipelines(args, ctx: cls.Context) -> dict:
     torch.manual_seed(args.seed)
     model = build_model(args.backbone_type, args.norm_type, utils.NUM_CLASSES[args.data_name]).to(ctx.device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    standard = forever(standard_loader(args, ctx.device), ctx.device)
+    standard = forever(standard_loader(args, ctx.device), contiguous(ctx))
     results[f"standard: PIL transforms, DataLoader with {args.workers} workers, fp32 eager"] = measure(
         standard, lambda x, y: cls.train_step(model, optimizer, x, y, nullcontext()), args, ctx.device)
-    return results
+    return results, macs
 
 
 def data_pipelines(args, ctx: cls.Context) -> dict:
     """{name: measurement} of the two data pipelines alone, batches delivered on the device."""
     noop = lambda x, y: None  # noqa: E731
     return {"ours: device-resident crop, flip and normalize": measure(
-                forever(utils.build_loaders(args, ctx.device)[0], ctx.device), noop, args, ctx.device),
+                forever(utils.build_loaders(args, ctx.device)[0], ctx.to_device), noop, args, ctx.device),
             f"standard: PIL transforms, DataLoader with {args.workers} workers": measure(
-                forever(standard_loader(args, ctx.device), ctx.device), noop, args, ctx.device)}
+                forever(standard_loader(args, ctx.device), contiguous(ctx)), noop, args, ctx.device)}
 
 
-def print_table(results: dict, args, ctx: cls.Context, with_flops: bool) -> None:
+def print_table(results: dict, args, ctx: cls.Context, macs=None) -> None:
+    """The measurements as a markdown table, with achieved TFLOP/s where the model's MACs are given."""
     device = cls.device_name(ctx.device)
     peak = next((tflops for name, tflops in PEAK_BF16_TFLOPS if name in device), None)
-    _, macs = utils.count_params_flops(build_model(args.backbone_type, args.norm_type,
-                                                   utils.NUM_CLASSES[args.data_name]), 32)
+    with_flops = macs is not None
     print(f"{args.backbone_type} {args.norm_type}, {args.data_name}, batch {args.batch_size}, on {device}; "
           f"{args.steps} timed steps after {args.warmup}")
     columns = ["images/s", "step (ms)", "peak memory (MiB)"] + (["TFLOP/s", "% of bf16 peak"] if with_flops else [])
     print("| pipeline | " + " | ".join(columns) + " |\n|---|" + "---|" * len(columns))
     for name, r in results.items():
-        # FLOPs: thop's multiply-accumulates x 2, x 3 for the forward and the backward pass.
-        r["TFLOP/s"] = 6 * macs * r["images/s"] / 1e12
-        r["% of bf16 peak"] = 100 * r["TFLOP/s"] / peak if peak else float("nan")
+        if with_flops:  # FLOPs: thop's multiply-accumulates x 2, x 3 for the forward and the backward pass
+            r["TFLOP/s"] = 6 * macs * r["images/s"] / 1e12
+            r["% of bf16 peak"] = 100 * r["TFLOP/s"] / peak if peak else float("nan")
         print(f"| {name} | " + " | ".join(f"{r[c]:.4g}" for c in columns) + " |")
     ours, standard = (r["images/s"] for r in results.values())
     print(f"ours / standard images/s: {ours / standard:.2f}x")
@@ -139,15 +143,11 @@ def print_table(results: dict, args, ctx: cls.Context, with_flops: bool) -> None
 # -----------------------------------------------------------------------------
 # WN's cost
 
-def plain_conv(in_ch: int, out_ch: int, kernel_size: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
-    """WN's conv without the reparameterization: same shapes, same bias, no norm after it."""
-    return nn.Conv2d(in_ch, out_ch, kernel_size, stride, kernel_size // 2, groups=groups, bias=True)
-
-
 def wn_overhead(args, ctx: cls.Context) -> None:
     """A WN train step against the plain-conv, no-norm net's, in eager fp32; issue 2's budget is 1.15x."""
-    nets = {"plain convs, no norm": lambda: ResNet(norm=Norm(plain_conv, no_norm), num_classes=10,
-                                                   **MODELS[args.backbone_type]),
+    # The baseline is WN's conv without the reparameterization: same shapes, same bias, no norm after it.
+    plain = Norm(partial(conv2d, bias=True), no_norm)
+    nets = {"plain convs, no norm": lambda: ResNet(norm=plain, num_classes=10, **MODELS[args.backbone_type]),
             "wn": lambda: build_model(args.backbone_type, "wn", 10)}
     x = torch.randn(args.batch_size, 3, 32, 32, device=ctx.device)
     y = torch.randint(0, 10, (args.batch_size,), device=ctx.device)
@@ -182,9 +182,10 @@ def main(argv=None) -> None:
     if args.wn_overhead:
         wn_overhead(args, ctx)
     elif args.data_only:
-        print_table(data_pipelines(args, ctx), args, ctx, with_flops=False)
+        print_table(data_pipelines(args, ctx), args, ctx)
     else:
-        print_table(train_pipelines(args, ctx), args, ctx, with_flops=True)
+        results, macs = train_pipelines(args, ctx)
+        print_table(results, args, ctx, macs)
 
 
 if __name__ == "__main__":

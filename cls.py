@@ -115,6 +115,11 @@ class Context:
             dist.all_reduce(t)
         return t
 
+    def to_device(self, x: torch.Tensor, y: torch.Tensor) -> tuple:
+        """A batch on the training device, images in its memory format."""
+        return (x.to(self.device, non_blocking=True, memory_format=self.memory_format),
+                y.to(self.device, non_blocking=True))
+
     def log(self, *message) -> None:
         if self.is_main:
             print(*message, flush=True)
@@ -218,8 +223,7 @@ def train_one_epoch(model, loader, optimizer, progress: dict, ctx: Context, stop
                disable=None if ctx.is_main else True)  # None: on a terminal only, not in logs
     sums = progress["sums"]
     for x, y in loader:
-        x = x.to(ctx.device, non_blocking=True, memory_format=ctx.memory_format)
-        y = y.to(ctx.device, non_blocking=True)
+        x, y = ctx.to_device(x, y)
         loss, correct = train_step(model, optimizer, x, y, ctx.autocast)
         sums[0] += loss.float() * len(y)
         sums[1] += correct
@@ -242,8 +246,7 @@ def evaluate(model, loader, ctx: Context) -> dict:
     model.eval()
     sums = torch.zeros(4, device=ctx.device)  # sum of losses, correct top-1, correct top-5, images
     for x, y in loader:
-        x = x.to(ctx.device, non_blocking=True, memory_format=ctx.memory_format)
-        y = y.to(ctx.device, non_blocking=True)
+        x, y = ctx.to_device(x, y)
         with ctx.autocast:
             logits = model(x)
         sums[0] += F.cross_entropy(logits.float(), y, reduction="sum")
@@ -296,10 +299,10 @@ def new_progress(epoch: int, device: torch.device) -> dict:
     return {"epoch": epoch, "step": 0, "sums": torch.zeros(3, device=device), "seconds": 0.0}
 
 
-def resume_checkpoint(args, files: utils.RunFiles, ctx: Context):
+def resume_checkpoint(args, files: utils.RunFiles, status, ctx: Context):
     """The checkpoint to continue from, or None to start afresh; refuses to clobber earlier results."""
     if not args.resume:
-        if files.started() or files.status():
+        if files.started() or status:
             raise utils.UserError(f"{files.name} already has results in {files.dir}; pass --resume to continue "
                                   f"it (or skip it if it is finished), or choose another --results_dir")
         return None
@@ -362,10 +365,11 @@ def main(args: argparse.Namespace) -> None:
     # setup
     ctx = setup(args)
     files = utils.RunFiles(args.results_dir, args, enabled=ctx.is_main)
-    if args.resume and files.status() in utils.DONE:
-        ctx.log(f"{files.name} is already {files.status()} in {files.dir}; nothing to do")
+    status = files.status()
+    if args.resume and status in utils.DONE:
+        ctx.log(f"{files.name} is already {status} in {files.dir}; nothing to do")
         return
-    checkpoint = resume_checkpoint(args, files, ctx)
+    checkpoint = resume_checkpoint(args, files, status, ctx)
 
     # -------------------------------------------------------------------------
     # data

@@ -87,9 +87,10 @@ class WNLinear(_WeightNormed):
 # -----------------------------------------------------------------------------
 # the normalization choices: the keys are cls.py's --norm_type choices
 
-def conv2d(in_ch: int, out_ch: int, kernel_size: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
-    """A plain conv with no bias (the norm after it has the shift) and torchvision's Kaiming init."""
-    conv = nn.Conv2d(in_ch, out_ch, kernel_size, stride, kernel_size // 2, groups=groups, bias=False)
+def conv2d(in_ch: int, out_ch: int, kernel_size: int, stride: int = 1, groups: int = 1,
+           bias: bool = False) -> nn.Conv2d:
+    """A plain conv with torchvision's Kaiming init; no bias by default, since the norm after it shifts."""
+    conv = nn.Conv2d(in_ch, out_ch, kernel_size, stride, kernel_size // 2, groups=groups, bias=bias)
     nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
     return conv
 

@@ -78,10 +78,10 @@ def human(n: float) -> str:
 
 CIFAR = {
     "cifar10": dict(folder="cifar-10-batches-py", url="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
-                    md5="c58f30108f718f92721af3b95e74349a", label_key="labels", num_classes=10,
+                    md5="c58f30108f718f92721af3b95e74349a", label_key="labels",
                     train=[f"data_batch_{i}" for i in range(1, 6)], test=["test_batch"]),
     "cifar100": dict(folder="cifar-100-python", url="https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
-                     md5="eb9058c3a382ffc7106e4002c42a8d85", label_key="fine_labels", num_classes=100,
+                     md5="eb9058c3a382ffc7106e4002c42a8d85", label_key="fine_labels",
                      train=["train"], test=["test"]),
 }
 # Per-channel mean and std of each training set on the 0-1 scale.
@@ -140,8 +140,8 @@ def load_cifar(root: str, data_name: str) -> dict:
     for split in ("train", "test"):
         parts = [_read_cifar_batch(root / spec["folder"] / name, spec["label_key"]) for name in spec[split]]
         images, labels = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-        if labels.min() < 0 or labels.max() >= spec["num_classes"]:
-            raise UserError(f"{root / spec['folder']}: labels outside 0..{spec['num_classes'] - 1}")
+        if labels.min() < 0 or labels.max() >= NUM_CLASSES[data_name]:
+            raise UserError(f"{root / spec['folder']}: labels outside 0..{NUM_CLASSES[data_name] - 1}")
         splits[split] = (images, labels)
     return splits
 
@@ -168,8 +168,8 @@ class CifarLoader:
                  train: bool, device: torch.device, seed: int = 0, rank: int = 0, world: int = 1):
         self.pad = 4 if train else 0
         padded = F.pad(images, (self.pad,) * 4)  # (N, 3, 32 + 2 pad, 32 + 2 pad) uint8
-        self.images = torch.cat([padded, padded.flip(3)]).to(device) if train else padded.to(device)
-        self.windows = self.images.unfold(2, 32, 1).unfold(3, 32, 1)  # (rows, 3, 2p + 1, 2p + 1, 32, 32), a view
+        images = torch.cat([padded, padded.flip(3)]) if train else padded
+        self.windows = images.to(device).unfold(2, 32, 1).unfold(3, 32, 1)  # (rows, 3, 2p + 1, 2p + 1, 32, 32)
         self.labels = labels.to(device)
         self.batch_size, self.train, self.seed, self.rank, self.world = batch_size, train, seed, rank, world
         self.epoch, self.start_step = 0, 0

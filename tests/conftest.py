@@ -12,6 +12,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import cls  # noqa: E402
 import utils  # noqa: E402
 
 
@@ -36,7 +37,7 @@ def write_cifar(root: Path, data_name: str, n_train: int = 24, n_test: int = 12,
     rng = np.random.default_rng(seed)
     for split, n in (("train", n_train), ("test", n_test)):
         files = spec[split]
-        images, labels = make_images(n * len(files), spec["num_classes"], rng, learnable)
+        images, labels = make_images(n * len(files), utils.NUM_CLASSES[data_name], rng, learnable)
         for i, name in enumerate(files):
             part = slice(i * n, (i + 1) * n)
             batch = {"batch_label": f"{split} batch {i}", "filenames": [f"{j}.png" for j in range(n)],
@@ -69,7 +70,6 @@ def cifar10(tmp_path):
 def run_cls_here(capsys, *args: str) -> tuple:
     """(exit status, stdout, stderr) of cls.py run in this process, through the same run_cli as its __main__:
     much faster than a new interpreter, for runs that stop early."""
-    import cls
     try:
         utils.run_cli(lambda: cls.main(cls.parse_args(["--device", "cpu", "--workers", "0", *args])), "cls.py")
         status = 0
