@@ -1,18 +1,28 @@
 """Benchmarks that print numbers. Speed targets are checked here, never by timed tests.
 
-Takes cls.py's flags and measures one configuration's training throughput two ways in the same run: our
-pipeline (device-resident CIFAR, bf16 autocast, channels_last, CUDA graphs at small batches, as cls.py
-trains) and the standard one (torchvision transforms on PIL images, a DataLoader with --workers, fp32
-eager), as a table with their ratio.
+Takes cls.py's flags. By default it measures one configuration's training throughput two ways in the same
+run: our pipeline (device-resident CIFAR, and on CUDA bf16 autocast, channels_last and CUDA graphs, as
+cls.py trains) and the standard one (torchvision transforms on PIL images, a DataLoader with --workers,
+fp32 eager), as a table with their ratio, the share of the device's bf16 peak, and what one 90-epoch
+CIFAR run would take at that speed.
 
     python bench.py --data_name cifar10 --data_path .data --batch_size 128
     python bench.py --data_name synthetic --batch_size 1 --steps 300
     python bench.py --data_only --batch_size 128 --workers 2        # the two data pipelines alone
-    python bench.py --wn_overhead --batch_size 32                   # WN's cost against plain convs
+    python bench.py --norms bn wn --batch_size 32                   # norms against the first, as cls.py trains
+    python bench.py --wn_overhead --batch_size 32                   # WN against plain convs, eager fp32
+    python bench.py --layer_stats_cost --batch_size 32              # the layer statistics against an epoch
 """
+from utils.cli import exit_on_ctrl_c
+
+if __name__ == "__main__":
+    exit_on_ctrl_c("bench.py")  # before the imports below, which take seconds (flake8: E402 is meant)
+
+import argparse
 import itertools
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -20,11 +30,14 @@ from PIL import Image
 from torchvision import transforms
 
 import cls
-import utils
-from model import MODELS, Norm, ResNet, build_model, conv2d, no_norm
-
+from model import MODELS, NORMS, Norm, ResNet, build_model, conv2d, no_norm
+from utils import runtime
+from utils.cli import run_cli
+from utils.data import DATASETS, build_loaders
+from utils.metrics import duration
 # Dense bf16 tensor-core peaks from NVIDIA's data sheets, in TFLOP/s; matched in order against the name.
 PEAK_BF16_TFLOPS = [("H100 PCIe", 756), ("H100", 989), ("H200", 989), ("A100", 312)]
+RUN_IMAGES = 90 * 50_000  # one 90-epoch run on CIFAR's training set
 
 
 # -----------------------------------------------------------------------------
@@ -46,11 +59,13 @@ class PILCifar(torch.utils.data.Dataset):
         return self.transform(Image.fromarray(self.images[i])), self.labels[i]
 
 
-def standard_loader(args, device: torch.device) -> torch.utils.data.DataLoader:
-    images, labels = utils.load_splits(args)["train"]
-    return torch.utils.data.DataLoader(PILCifar(images, labels, utils.MEAN_STD[args.data_name]), args.batch_size,
-                                       shuffle=True, num_workers=args.workers, pin_memory=device.type == "cuda",
-                                       persistent_workers=args.workers > 0)
+def standard_loader(args, ours) -> torch.utils.data.DataLoader:
+    """The same training images as our loader `ours` holds, read the standard way."""
+    n = len(ours.labels)
+    images = ours.windows[:n, :, ours.pad, ours.pad].cpu()  # the unpadded, unflipped originals
+    dataset = PILCifar(images, ours.labels.cpu(), DATASETS[args.data_name].mean_std)
+    return torch.utils.data.DataLoader(dataset, args.batch_size, shuffle=True, num_workers=args.workers,
+                                       pin_memory=ours.labels.is_cuda, persistent_workers=args.workers > 0)
 
 
 # -----------------------------------------------------------------------------
@@ -88,84 +103,155 @@ def measure(batches, step, args, device: torch.device) -> dict:
     return {"images/s": images / seconds, "step (ms)": 1000 * seconds / args.steps, "peak memory (MiB)": peak}
 
 
-def contiguous(ctx: cls.Context):
+@dataclass
+class Pipeline:
+    """A way of training: its name, a step function step(x, y), and its batches on the device."""
+    name: str
+    step: object
+    batches: object
+
+    def measure(self, args, ctx: runtime.Context) -> dict:
+        return measure(self.batches, self.step, args, ctx.device)
+
+
+def ours(args, ctx: runtime.Context, data) -> tuple:
+    """(Pipeline, cls.Run): the training cls.py runs for args."""
+    torch.manual_seed(args.seed)
+    run = cls.build(args, ctx, data)
+    name = (f"ours: device-resident data, {'bf16' if args.bf16 and ctx.device.type == 'cuda' else 'fp32'}, "
+            f"{'channels_last' if ctx.memory_format == torch.channels_last else 'contiguous'}, "
+            f"compile={cls.compile_mode(args, ctx.device, ctx.world)}")
+    step = partial(cls.train_step, run.train_model, run.optimizer, run.scheduler, autocast=ctx.autocast)
+    return Pipeline(name, step, forever(data.train, ctx.to_device)), run
+
+
+def eager_fp32(model, batches, optimizer=torch.optim.AdamW, **kwargs) -> tuple:
+    """(a step function, batches) of plain eager float32 training at a constant learning rate."""
+    optimizer = optimizer(model.parameters(), **kwargs)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    return partial(cls.train_step, model, optimizer, scheduler, autocast=nullcontext()), batches
+
+
+def contiguous(ctx: runtime.Context):
     """The standard pipeline's batches: on the device, in the default memory format."""
     return lambda x, y: (x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True))
 
 
-def train_pipelines(args, ctx: cls.Context) -> tuple:
+def train_pipelines(args, ctx: runtime.Context) -> tuple:
     """({name: measurement} for ours, as cls.py trains, and the standard pipeline; the model's MACs)."""
+    data = build_loaders(args, ctx)
+    pipeline, run = ours(args, ctx, data)
+    results = {pipeline.name: pipeline.measure(args, ctx)}
     torch.manual_seed(args.seed)
-    loader = utils.build_loaders(args, ctx.device)[0]
-    _, train_model, optimizer, _, (_, macs) = cls.build(args, ctx, loader)
-    ours = forever(loader, ctx.to_device)
-    name = (f"ours: device-resident data, {'bf16' if args.bf16 and ctx.device.type == 'cuda' else 'fp32'}, "
-            f"{'channels_last' if ctx.memory_format == torch.channels_last else 'contiguous'}, "
-            f"compile={cls.compile_mode(args, ctx)}")
-    results = {name: measure(ours, lambda x, y: cls.train_step(train_model, optimizer, x, y, ctx.autocast),
-                             args, ctx.device)}
-    torch.manual_seed(args.seed)
-    model = build_model(args.backbone_type, args.norm_type, utils.NUM_CLASSES[args.data_name]).to(ctx.device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    standard = forever(standard_loader(args, ctx.device), contiguous(ctx))
-    results[f"standard: PIL transforms, DataLoader with {args.workers} workers, fp32 eager"] = measure(
-        standard, lambda x, y: cls.train_step(model, optimizer, x, y, nullcontext()), args, ctx.device)
-    return results, macs
+    model = build_model(args.backbone_type, args.norm_type, data.num_classes, width=args.width).to(ctx.device)
+    standard = Pipeline(f"standard: PIL transforms, DataLoader with {args.workers} workers, fp32 eager",
+                        *eager_fp32(model, forever(standard_loader(args, data.train), contiguous(ctx)), lr=args.lr,
+                                    weight_decay=args.weight_decay))
+    results[standard.name] = standard.measure(args, ctx)
+    return results, run.flops
 
 
-def data_pipelines(args, ctx: cls.Context) -> dict:
+def data_pipelines(args, ctx: runtime.Context) -> dict:
     """{name: measurement} of the two data pipelines alone, batches delivered on the device."""
     noop = lambda x, y: None  # noqa: E731
+    train = build_loaders(args, ctx).train
     return {"ours: device-resident crop, flip and normalize": measure(
-                forever(utils.build_loaders(args, ctx.device)[0], ctx.to_device), noop, args, ctx.device),
+                forever(train, ctx.to_device), noop, args, ctx.device),
             f"standard: PIL transforms, DataLoader with {args.workers} workers": measure(
-                forever(standard_loader(args, ctx.device), contiguous(ctx)), noop, args, ctx.device)}
+                forever(standard_loader(args, train), contiguous(ctx)), noop, args, ctx.device)}
 
 
-def print_table(results: dict, args, ctx: cls.Context, macs=None) -> None:
-    """The measurements as a markdown table, with achieved TFLOP/s where the model's MACs are given."""
-    device = cls.device_name(ctx.device)
-    peak = next((tflops for name, tflops in PEAK_BF16_TFLOPS if name in device), None)
-    with_flops = macs is not None
-    print(f"{args.backbone_type} {args.norm_type}, {args.data_name}, batch {args.batch_size}, on {device}; "
+def print_table(results: dict, args, ctx: runtime.Context, macs=None) -> None:
+    """The measurements as a markdown table; with the model's MACs, also the achieved TFLOP/s."""
+    peak = next((tflops for name, tflops in PEAK_BF16_TFLOPS if name in ctx.device_name), None)
+    print(f"{args.backbone_type} {args.norm_type}, {args.data_name}, batch {args.batch_size}, on {ctx.device_name}; "
           f"{args.steps} timed steps after {args.warmup}")
-    columns = ["images/s", "step (ms)", "peak memory (MiB)"] + (["TFLOP/s", "% of bf16 peak"] if with_flops else [])
+    columns = ["images/s", "step (ms)", "peak memory (MiB)"]
+    if macs is not None:
+        columns += ["TFLOP/s", "% of bf16 peak", "90 epochs (h:mm:ss)"]
     print("| pipeline | " + " | ".join(columns) + " |\n|---|" + "---|" * len(columns))
     for name, r in results.items():
-        if with_flops:  # FLOPs: thop's multiply-accumulates x 2, x 3 for the forward and the backward pass
-            r["TFLOP/s"] = 6 * macs * r["images/s"] / 1e12
-            r["% of bf16 peak"] = 100 * r["TFLOP/s"] / peak if peak else float("nan")
-        print(f"| {name} | " + " | ".join(f"{r[c]:.4g}" for c in columns) + " |")
-    ours, standard = (r["images/s"] for r in results.values())
-    print(f"ours / standard images/s: {ours / standard:.2f}x")
+        r["TFLOP/s"] = 6 * (macs or 0) * r["images/s"] / 1e12  # MACs x 2 FLOPs, x 3 for forward and backward
+        r["% of bf16 peak"] = 100 * r["TFLOP/s"] / peak if peak else float("nan")
+        r["90 epochs (h:mm:ss)"] = duration(RUN_IMAGES / r["images/s"])
+        print(f"| {name} | " + " | ".join(r[c] if isinstance(r[c], str) else f"{r[c]:.4g}" for c in columns) + " |")
+    first, second = (r["images/s"] for r in results.values())
+    print(f"ours / standard images/s: {first / second:.2f}x")
+    if macs is not None:
+        print("90 epochs: steps only, 90 x 50,000 images at the measured rate; evaluation and compiling come on top")
 
 
 # -----------------------------------------------------------------------------
-# WN's cost
+# norms against each other
 
-def wn_overhead(args, ctx: cls.Context) -> None:
-    """A WN train step against the plain-conv, no-norm net's, in eager fp32; issue 2's budget is 1.15x."""
-    # The baseline is WN's conv without the reparameterization: same shapes, same bias, no norm after it.
-    plain = Norm(partial(conv2d, bias=True), no_norm)
-    nets = {"plain convs, no norm": lambda: ResNet(norm=plain, num_classes=10, **MODELS[args.backbone_type]),
-            "wn": lambda: build_model(args.backbone_type, "wn", 10)}
+def interleaved(steps: dict, args, ctx: runtime.Context) -> dict:
+    """{name: best ms per step} over args.rounds interleaved rounds, so that a drifting clock hits all alike.
+    steps: {name: () -> (step function, batches)}, built afresh each round."""
+    best = {}
+    for _ in range(args.rounds):
+        for name, make in steps.items():
+            step, batches = make()
+            best[name] = min(best.get(name, float("inf")), measure(batches, step, args, ctx.device)["step (ms)"])
+    return best
+
+
+def print_ratios(best: dict, title: str, budget: float) -> None:
+    print(f"{title}; best of the rounds")
+    print("| net | step (ms) | / first |\n|---|---|---|")
+    first = next(iter(best.values()))
+    for name, ms in best.items():
+        print(f"| {name} | {ms:.2f} | {ms / first:.3f} |")
+    last = list(best)[-1]
+    print(f"{last} / {list(best)[0]} step time: {best[last] / first:.3f} (budget {budget})")
+
+
+def compare_norms(args, ctx: runtime.Context) -> None:
+    """Each of --norms trained as cls.py trains it (with its compile mode, bf16 and memory format)."""
+    data = build_loaders(args, ctx)
+
+    def make(norm):
+        pipeline, _ = ours(argparse.Namespace(**{**vars(args), "norm_type": norm}), ctx, data)
+        return pipeline.step, pipeline.batches
+
+    best = interleaved({norm: partial(make, norm) for norm in args.norms}, args, ctx)
+    bf16 = args.bf16 and ctx.device.type == "cuda"
+    print_ratios(best, f"{args.backbone_type}, batch {args.batch_size}, {ctx.device_name}, as cls.py trains "
+                       f"(compile={cls.compile_mode(args, ctx.device, ctx.world)}, bf16={bf16})", budget=1.15)
+
+
+def wn_overhead(args, ctx: runtime.Context) -> None:
+    """A WN train step against the same net with plain convs (with bias) and no norm, in eager fp32: the
+    cost of the reparameterization alone."""
+    plain = Norm("plain", partial(conv2d, bias=True), no_norm)
+    b = MODELS[args.backbone_type]
+    nets = {"plain convs, no norm": lambda: ResNet(b.block, b.layers, plain, 10, width=args.width),
+            "wn": lambda: build_model(args.backbone_type, "wn", 10, width=args.width)}
     x = torch.randn(args.batch_size, 3, 32, 32, device=ctx.device)
     y = torch.randint(0, 10, (args.batch_size,), device=ctx.device)
-    best = {}
-    for _ in range(args.rounds):  # interleaved rounds, so a drifting clock hits both alike
-        for name, make in nets.items():
-            torch.manual_seed(0)
-            model = make().to(ctx.device)
-            optimizer = torch.optim.Adam(model.parameters())
-            step = partial(cls.train_step, model, optimizer, autocast=nullcontext())
-            ms = measure(itertools.repeat((x, y)), step, args, ctx.device)["step (ms)"]
-            best[name] = min(best.get(name, float("inf")), ms)
-    print(f"{args.backbone_type}, batch {args.batch_size}, {cls.device_name(ctx.device)}, eager fp32; "
-          f"best of {args.rounds} rounds of {args.steps} steps")
-    print("| net | step (ms) | images/s |\n|---|---|---|")
-    for name, ms in best.items():
-        print(f"| {name} | {ms:.1f} | {1000 * args.batch_size / ms:.1f} |")
-    print(f"wn / plain step time: {best['wn'] / best['plain convs, no norm']:.3f} (budget 1.15)")
+
+    def make(net):
+        torch.manual_seed(0)
+        return eager_fp32(net().to(ctx.device), itertools.repeat((x, y)), torch.optim.Adam)
+
+    best = interleaved({name: partial(make, net) for name, net in nets.items()}, args, ctx)
+    print_ratios(best, f"{args.backbone_type}, batch {args.batch_size}, {ctx.device_name}, eager fp32", budget=1.15)
+
+
+def layer_stats_cost(args, ctx: runtime.Context) -> None:
+    """The per-epoch layer statistics against an epoch of training as cls.py runs it (issue 14: under 2%)."""
+    pipeline, run = ours(args, ctx, build_loaders(args, ctx))
+    step_ms = pipeline.measure(args, ctx)["step (ms)"]
+    epoch_s = step_ms / 1000 * -(-50_000 // args.batch_size)
+    run.layer_stats.rows(0)  # warm-up
+    sync(ctx.device)
+    start = time.perf_counter()
+    for _ in range(args.rounds):
+        run.layer_stats.rows(0)
+    sync(ctx.device)
+    stats_s = (time.perf_counter() - start) / args.rounds
+    print(f"{args.backbone_type} {args.norm_type}, batch {args.batch_size}, {ctx.device_name}: a step {step_ms:.2f} "
+          f"ms, so an epoch of 50,000 images {epoch_s:.1f} s of steps; the layer statistics ({len(run.layer_stats.y)} "
+          f"probe images) {1000 * stats_s:.1f} ms, {100 * stats_s / epoch_s:.3f}% of it (budget 2%)")
 
 
 def main(argv=None) -> None:
@@ -173,14 +259,21 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", default=100, type=int, help="timed steps")
     parser.add_argument("--warmup", default=10, type=int, help="untimed steps first (compile, CUDA graphs)")
     parser.add_argument("--data_only", action="store_true", help="time the data pipelines alone")
-    parser.add_argument("--wn_overhead", action="store_true", help="time WN against plain convs")
-    parser.add_argument("--rounds", default=2, type=int, help="--wn_overhead: interleaved rounds")
+    parser.add_argument("--norms", nargs="+", choices=list(NORMS), help="time these norms against the first")
+    parser.add_argument("--wn_overhead", action="store_true", help="time WN against plain convs, eager fp32")
+    parser.add_argument("--layer_stats_cost", action="store_true", help="time the layer statistics against an epoch")
+    parser.add_argument("--rounds", default=2, type=int, help="--norms, --wn_overhead: interleaved rounds; "
+                                                               "--layer_stats_cost: timed repeats")
     args = cls.parse_args(argv, parser)
     if args.data_name == "imagenet":
         parser.error("bench.py compares the CIFAR pipelines; use --data_name cifar10, cifar100 or synthetic")
-    ctx = cls.setup(args)
+    ctx = runtime.setup(args)
     if args.wn_overhead:
         wn_overhead(args, ctx)
+    elif args.layer_stats_cost:
+        layer_stats_cost(args, ctx)
+    elif args.norms:
+        compare_norms(args, ctx)
     elif args.data_only:
         print_table(data_pipelines(args, ctx), args, ctx)
     else:
@@ -189,4 +282,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    utils.run_cli(main, "bench.py")
+    run_cli(main, "bench.py")

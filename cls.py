@@ -1,248 +1,158 @@
-"""Train and evaluate a ResNet or ResNeXt classifier with batch, instance or weight normalization.
+"""Train and evaluate a ResNet or ResNeXt classifier with bn, in, wn, wn_mbn or gn as its normalization.
 
 Examples:
     python cls.py                                          # ResNet-18, bn, CIFAR-10, batch 32, 90 epochs
+    python cls.py --norm_type wn                           # weight normalization, the same recipe
     python cls.py --data_name cifar100 --batch_size 2
-    python cls.py --backbone_type resnext50 --norm_type wn --epochs 30
+    python cls.py --backbone_type resnext50 --norm_type wn_mbn --epochs 30
+    python cls.py --optimizer adam --lr_schedule step --weight_decay 5e-4 --warmup_epochs 0   # the original's recipe
     python cls.py --data_name imagenet --data_path /home/data/imagenet/ILSVRC2012 --workers 16
     torchrun --nproc_per_node 8 cls.py --data_name imagenet --batch_size 32    # 32 per GPU, 256 in all
     python cls.py --norm_type wn --resume                  # continue (or skip, if done) a stopped run
 
 Each run writes, under --results_dir, {data_name}_{backbone_type}_{norm_type}_{batch_size}_ followed by
-statistics.csv (one row per epoch), args.json, checkpoint.pth (after every epoch, and on SIGINT/SIGTERM)
-and model.pth (the final weights), and keeps its row in summary.csv up to date.
+statistics.csv (one row per epoch), layers.csv (per-layer statistics, one row per layer and epoch),
+args.json, checkpoint.pth (after every epoch and on SIGINT/SIGTERM; dropped when the run finishes) and
+model.pth (the final weights), and keeps its row in summary.csv up to date.
 """
+from utils.cli import exit_on_ctrl_c
+
+if __name__ == "__main__":
+    exit_on_ctrl_c("cls.py")  # before the imports below, which take seconds (flake8: E402 is meant)
+
 import argparse
 import math
-import os
-import random
 import signal
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 
-import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
-import utils
-from model import MODELS, NORMS, build_model, data_dependent_init, scale_residual_branches, wn_layers
-
-WN_RESIDUAL_SCALE = 0.0  # chosen by measurement, see README "Weight normalization at init"
+from model import MODELS, NORMS, blocks, build_model, count_params_flops, weight_layers
+from utils import runtime
+from utils.cli import (ArgumentParser, RunDiverged, UserError, auto_or_natural_float, flag_error, natural_float,
+                       natural_int, positive_float, positive_int, run_cli)
+from utils.data import DATASETS, build_loaders, resolve_path
+from utils.layerstats import LayerStats
+from utils.metrics import human, topk_correct
+from utils.progress import EpochProgress, Progress
+from utils.runfiles import DONE, Journal, RunFiles
 
 
 # -----------------------------------------------------------------------------
-# config
-
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):  # one line on stderr, not argparse's usage block
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
+# config: every flag of a run, with its default
 
 def make_parser() -> ArgumentParser:
-    """Every flag and default of a run; bench.py adds its own to the same parser."""
-    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data_name", default="cifar10", choices=list(utils.NUM_CLASSES),
-                   help="synthetic: random images with CIFAR's shape, for benchmarks without a download")
+    """bench.py and sweep.py add their own flags to this parser."""
+    p = ArgumentParser(description=__doc__)
+    p.add_argument("--data_name", default="cifar10", choices=list(DATASETS),
+                   help="synthetic: random images with CIFAR-10's shape, for benchmarks without a download")
     p.add_argument("--data_path", default=None,
-                   help="CIFAR: the folder holding cifar-10-batches-py/ or cifar-100-python/, downloaded there "
-                        "if absent (default: data); ImageNet: the folder holding train/ and val/ "
-                        "(default: /home/data/imagenet/ILSVRC2012)")
-    p.add_argument("--backbone_type", default="resnet18", choices=list(MODELS))
-    p.add_argument("--norm_type", default="bn", choices=list(NORMS))
+                   help="CIFAR: the folder holding cifar-10-batches-py/ or cifar-100-python/ (or that folder), "
+                        "downloaded there if absent; ImageNet: the folder holding train/ and val/ (default: data "
+                        "for CIFAR, /home/data/imagenet/ILSVRC2012 for ImageNet)")
+    p.add_argument("--backbone_type", default="resnet18", choices=list(MODELS), help="the network")
+    p.add_argument("--norm_type", default="bn", choices=list(NORMS), help="the normalization (README: Models)")
     p.add_argument("--batch_size", default=32, type=positive_int, help="images per step and per process")
-    p.add_argument("--epochs", default=90, type=positive_int)
-    p.add_argument("--lr", default=1e-3, type=float, help="Adam's learning rate, x0.1 at 50%% and 75%% of epochs")
-    p.add_argument("--weight_decay", default=5e-4, type=float, help="L2 penalty, as torch.optim.Adam applies it")
+    p.add_argument("--epochs", default=90, type=positive_int, help="sweeps over the training set")
+    # the recipe: README "Training recipe"
+    p.add_argument("--optimizer", default="adamw", choices=["adamw", "adam"],
+                   help="adamw: decoupled weight decay; adam: L2 added to the gradient, as the original")
+    p.add_argument("--lr", default=1e-3, type=positive_float, help="peak learning rate")
+    p.add_argument("--weight_decay", default=0.05, type=natural_float,
+                   help="on conv and linear weights only; never on gains, norm affines or biases")
+    p.add_argument("--lr_schedule", default="cosine", choices=["cosine", "step"],
+                   help="per step after the warmup: cosine to 0, or x0.1 at 50%% and 75%% of the steps")
+    p.add_argument("--warmup_epochs", default=1.0, type=natural_float,
+                   help="linear warmup from lr/steps to lr; at most half of --epochs, and recorded as used")
     p.add_argument("--seed", default=0, type=int, help="seeds the weights, the data order and the augmentation")
-    p.add_argument("--workers", default=8, type=int, help="DataLoader processes (ImageNet only)")
+    p.add_argument("--width", default=64, type=positive_int, help="channels of the stem, doubled every stage; "
+                                                                   "the papers' 64, or less for quick tests")
+    p.add_argument("--init_images", default=512, type=positive_int,
+                   help="wn, wn_mbn: training images in the data-dependent init's one batch")
+    p.add_argument("--wn_residual_scale", default="auto", type=auto_or_natural_float,
+                   help="wn, wn_mbn: after the init, scale the last layer of every residual branch by this; "
+                        "auto: 1/(blocks in its stage)")
+    p.add_argument("--subset", default=0, type=natural_int,
+                   help="train on a fixed random N training images and test on N test images (0: all)")
+    # where and how it runs; a resumed run may change these
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu, ... (default: cuda if there is one)")
-    p.add_argument("--results_dir", default="results")
+    p.add_argument("--workers", default=8, type=natural_int, help="DataLoader processes (ImageNet only)")
+    p.add_argument("--results_dir", default="results", help="where the run's files and summary.csv go")
     p.add_argument("--resume", action="store_true",
                    help="continue this configuration from its checkpoint; skip it if finished or diverged")
-    p.add_argument("--bf16", default=True, action=argparse.BooleanOptionalAction,
-                   help="bf16 autocast on CUDA (--no-bf16: float32)")
+    p.add_argument("--keep_checkpoint", action="store_true", help="keep checkpoint.pth when the run finishes")
+    p.add_argument("--layer_stats", default=True, action=argparse.BooleanOptionalAction,
+                   help="write {run}_layers.csv, per-layer statistics every epoch")
+    p.add_argument("--bf16", default=True, action=argparse.BooleanOptionalAction, help="bf16 autocast on CUDA")
     p.add_argument("--compile", default="auto", choices=["auto", "off", "default", "reduce-overhead"],
-                   help="torch.compile mode; auto: reduce-overhead (CUDA graphs) on CUDA at batch <= 16, else off")
+                   help="torch.compile mode; auto: reduce-overhead (CUDA graphs) on one CUDA device, else off")
     p.add_argument("--sync_bn", action="store_true", help="under torchrun, BatchNorm statistics over all ranks")
-    p.add_argument("--subset", default=0, type=int, help="use a fixed random N images of each split (0: all)")
-    p.add_argument("--init_images", default=512, type=positive_int,
-                   help="WN's data-dependent init: training images in its one batch, whatever --batch_size is")
-    p.add_argument("--wn_residual_scale", default=WN_RESIDUAL_SCALE, type=float,
-                   help="WN: after the init, scale the last layer of every residual branch by this (1: off)")
     return p
 
 
 def parse_args(argv=None, parser=None) -> argparse.Namespace:
     args = (parser or make_parser()).parse_args(argv)
-    args.data_path = args.data_path or utils.DEFAULT_DATA_PATH[args.data_name]
+    args.data_path = resolve_path(args.data_name, args.data_path)
+    args.warmup_epochs = min(args.warmup_epochs, args.epochs / 2)
     return args
 
 
-# Flags a resumed run may change; any other must match the checkpoint's, or the CSV would mix two recipes.
-RESUMABLE_CHANGES = {"resume", "device", "workers", "data_path", "results_dir", "compile"}
-CHECK_EVERY = 25  # steps between the host syncs that refresh the progress bar and look for NaN and signals
-
-
-# -----------------------------------------------------------------------------
-# setup: processes, device, signals
-
-@dataclass
-class Context:
-    rank: int
-    world: int
-    device: torch.device
-    autocast: object
-    memory_format: torch.memory_format
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def all_sum(self, t: torch.Tensor) -> torch.Tensor:
-        if self.world > 1:
-            dist.all_reduce(t)
-        return t
-
-    def to_device(self, x: torch.Tensor, y: torch.Tensor) -> tuple:
-        """A batch on the training device, images in its memory format."""
-        return (x.to(self.device, non_blocking=True, memory_format=self.memory_format),
-                y.to(self.device, non_blocking=True))
-
-    def log(self, *message) -> None:
-        if self.is_main:
-            print(*message, flush=True)
-
-
-def pick_device(name, local_rank: int, quiet: bool) -> torch.device:
-    if name is None:
-        if torch.cuda.is_available():
-            return torch.device("cuda", local_rank)
-        if not quiet:
-            print("notice: no CUDA device found, training on the CPU", file=sys.stderr)
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise utils.UserError(f"--device {name} is not a device name; use e.g. cuda, cuda:0 or cpu") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise utils.UserError(f"--device {name} asked for CUDA, but torch sees no CUDA device; use --device cpu")
-    return torch.device("cuda", local_rank) if device.type == "cuda" and device.index is None else device
-
-
-def setup(args) -> Context:
-    """One process, or one of torchrun's: NCCL between GPUs, gloo between CPU processes."""
-    rank, world, local_rank = (int(os.environ.get(k, d)) for k, d in
-                               (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
-    device = pick_device(args.device, local_rank, quiet=rank != 0)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cudnn.benchmark = True
-    if world > 1 and not dist.is_initialized():  # sweep.py runs several configurations in one process
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    on_cuda = device.type == "cuda"
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda and args.bf16 else nullcontext()
-    return Context(rank, world, device, autocast, torch.channels_last if on_cuda else torch.contiguous_format)
-
-
-class StopSignal:
-    """Within `with StopSignal() as stop:`, SIGINT and SIGTERM set stop.signum, which the loop polls after a
-    step, its safe point. A second signal of the same kind acts at once, as usual. The handlers before it
-    come back at the end, for callers that run several configurations in one process."""
-
-    def __enter__(self):
-        self.signum = 0
-        self.previous = {s: signal.signal(s, self._catch) for s in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def __exit__(self, *exc_info):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-    def _catch(self, signum, frame):
-        self.signum = signum
-        signal.signal(signum, signal.SIG_DFL)
-
-
-class Diverged(Exception):
-    pass
-
-
-class Interrupted(Exception):
-    pass
-
-
-def rng_states() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_states(states: dict) -> None:
-    random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
-    torch.set_rng_state(states["torch"])
-    if states["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+# Flags a resumed run may change; any other must match the run's args.json, or its CSV would mix two recipes.
+RESUMABLE_CHANGES = {"resume", "device", "workers", "data_path", "results_dir", "compile", "keep_checkpoint",
+                     "layer_stats"}
+PROBE_IMAGES = 128  # the layer statistics' fixed batch
+SYNC_EVERY = 25  # steps between the host syncs that look for NaN and signals, at most; 10 per epoch at least
 
 
 # -----------------------------------------------------------------------------
 # one train step, one epoch, one evaluation
 
-def train_step(model, optimizer, x, y, autocast) -> tuple:
+def train_step(model, optimizer, scheduler, x, y, autocast) -> tuple:
+    """One step on a batch: (the mean loss, correct top-1), both left on the device."""
     with autocast:
         logits = model(x)
         loss = F.cross_entropy(logits, y)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
-    return loss.detach(), utils.topk_correct(logits.detach(), y, ks=(1,))[0]
+    scheduler.step()
+    return loss.detach(), topk_correct(logits.detach(), y, ks=(1,))[0]
 
 
-def train_one_epoch(model, loader, optimizer, progress: dict, ctx: Context, stop: StopSignal) -> None:
-    """Train from progress["step"] to the end of the epoch. progress["sums"] holds this rank's sum of
-    losses, correct top-1 and images, on the device so that no step waits for the host. Raises
-    Interrupted at the first safe point after a signal, Diverged on a NaN or infinite loss; under DDP all
-    ranks agree on both, through an all-reduce every CHECK_EVERY steps."""
-    model.train()
-    bar = tqdm(total=loader.num_images, initial=min(progress["step"] * loader.batch_size, loader.num_images),
-               desc=f"epoch {progress['epoch']}", unit="img", leave=False, dynamic_ncols=True,
-               disable=None if ctx.is_main else True)  # None: on a terminal only, not in logs
-    sums = progress["sums"]
-    for x, y in loader:
-        x, y = ctx.to_device(x, y)
-        loss, correct = train_step(model, optimizer, x, y, ctx.autocast)
-        sums[0] += loss.float() * len(y)
-        sums[1] += correct
-        sums[2] += len(y)
-        progress["step"] += 1
-        bar.update(len(y))
-        if progress["step"] % CHECK_EVERY == 0 or (ctx.world == 1 and stop.signum):
-            flags = torch.stack([sums[0], torch.tensor(float(stop.signum), device=sums.device)])
-            loss_sum, stopping = ctx.all_sum(flags).tolist()
-            if not math.isfinite(loss_sum):
-                raise Diverged(f"loss became {loss_sum} in epoch {progress['epoch']} by step {progress['step']}")
-            if stopping:
-                raise Interrupted()
-            bar.set_postfix(loss=f"{sums[0] / sums[2]:.3f}", top1=f"{100 * sums[1] / sums[2]:.2f}")
-    bar.close()
+def train_one_epoch(run: "Run", loader, progress: Progress, ctx: runtime.Context, stop: runtime.StopSignal,
+                    epochs: int) -> None:
+    """Train from progress.step to the end of the epoch. Raises Interrupted at the first safe point after a
+    signal, Diverged on a NaN or infinite loss; under DDP all ranks agree on both, through the all-reduce
+    of Progress.totals every few steps."""
+    def images_done() -> int:  # in this epoch, all ranks together
+        return ctx.world * min(progress.step * loader.batch_size, loader.num_images)
+
+    run.train_model.train()
+    every = max(1, min(SYNC_EVERY, len(loader) // 10))
+    shown = EpochProgress(progress.epoch, epochs, ctx.world * loader.num_images, images_done(), ctx.is_main)
+    try:
+        for x, y in loader:
+            loss, correct = train_step(run.train_model, run.optimizer, run.scheduler, *ctx.to_device(x, y),
+                                       ctx.autocast)
+            progress.loss += loss.float() * len(y)
+            progress.correct += correct
+            progress.images += len(y)
+            progress.step += 1
+            if progress.step % every == 0 or (ctx.world == 1 and stop.signum):
+                totals = progress.totals(ctx, stop.signum)
+                if totals.stopping:
+                    raise runtime.Interrupted()
+                shown.update(images_done(), totals.loss, totals.top1)
+    finally:
+        shown.close()
 
 
 @torch.no_grad()
-def evaluate(model, loader, ctx: Context) -> dict:
+def evaluate(model, loader, ctx: runtime.Context) -> dict:
     model.eval()
     sums = torch.zeros(4, device=ctx.device)  # sum of losses, correct top-1, correct top-5, images
     for x, y in loader:
@@ -250,25 +160,115 @@ def evaluate(model, loader, ctx: Context) -> dict:
         with ctx.autocast:
             logits = model(x)
         sums[0] += F.cross_entropy(logits.float(), y, reduction="sum")
-        sums[1:3] += utils.topk_correct(logits, y)
+        sums[1:3] += topk_correct(logits, y)
         sums[3] += len(y)
     loss_sum, top1, top5, n = ctx.all_sum(sums).tolist()
     return {"loss": loss_sum / n, "top1": 100 * top1 / n, "top5": 100 * top5 / n}
 
 
 # -----------------------------------------------------------------------------
-# model, optimizer, checkpoints
+# model, optimizer, schedule
 
-def build(args, ctx: Context, train_loader) -> tuple:
-    """(model, train_model, optimizer, scheduler, (params, flops)). train_model is model as the train step
-    calls it: wrapped for DDP and compiled where asked; evaluation and checkpoints use model itself."""
-    model = build_model(args.backbone_type, args.norm_type, utils.NUM_CLASSES[args.data_name],
-                        cifar_stem=args.data_name != "imagenet")
-    counts = utils.count_params_flops(model, utils.IMAGE_SIZE[args.data_name])
+def make_optimizer(model: nn.Module, args, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW (decoupled decay, Loshchilov & Hutter 2019) or Adam (L2 added to the gradient, the original's),
+    with parameters grouped by role as timm's param_groups_weight_decay: the decay acts on conv and linear
+    weights (WN's v among them), never on gains (WN's g, norm affines) or biases, as DeepMind's NFNet
+    optimizer. Under Adam's coupled L2, WN's v is left undecayed too: w depends on v / ||v|| only, so L2
+    changes nothing the loss sees, and Adam scales it to a step of about lr per element, which collapses
+    ||v|| where the loss gives v no gradient (g = 0) and makes the gradient through g v / ||v|| explode
+    once g moves: WN's NaN in issue 11 (README "Training recipe")."""
+    decayed = {id(layer.direction) for layer in weight_layers(model).values()
+               if args.optimizer == "adamw" or layer.gain is None}
+    params = list(model.parameters())
+    groups = [{"params": [p for p in params if id(p) in decayed], "weight_decay": args.weight_decay},
+              {"params": [p for p in params if id(p) not in decayed], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.Adam
+    return optimizer(groups, lr=args.lr, fused=device.type == "cuda")
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    """The learning rate of step `step` (0-based, of `total`) as a fraction of --lr: a linear warmup to 1 over
+    the first `warmup` steps, then a cosine to 0 at the end of the run, or x0.1 at 50% and at 75% of it."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "step":
+        return 0.1 ** sum(step >= int(total * f) for f in (0.5, 0.75))
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))
+
+
+def make_scheduler(optimizer, args, steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
+    # One pure function of the step inside torch's LambdaLR: exact at any step, so a resumed run replays it,
+    # where chaining LinearLR and CosineAnnealingLR in SequentialLR computes the cosine recursively.
+    total, warmup = args.epochs * steps_per_epoch, round(args.warmup_epochs * steps_per_epoch)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total, warmup, args.lr_schedule))
+
+
+def compile_mode(args, device: torch.device, world: int = 1) -> str:
+    # On CUDA an eager step is bound by the host launching kernels (~12 ms at batch 32 and at 128 on an H100,
+    # issue 12), which CUDA graphs remove; the last, smaller batch of an epoch records a second graph once.
+    # Under DDP, graphs have crashed (pytorch issue 128218), so there they wait for an explicit
+    # --compile reduce-overhead. On the CPU compiling costs minutes and gains little.
+    if args.compile != "auto":
+        return args.compile
+    return "reduce-overhead" if device.type == "cuda" and world == 1 else "off"
+
+
+@dataclass
+class Run:
+    """What a run trains and saves. train_model is model as the train step calls it, wrapped for DDP and
+    compiled where asked; evaluation, the layer statistics and the checkpoints use model itself."""
+    model: nn.Module
+    train_model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    layer_stats: LayerStats
+    params: int
+    flops: int
+
+    def state_dict(self) -> dict:
+        return {name: getattr(self, name).state_dict() for name in ("model", "optimizer", "scheduler", "layer_stats")}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name in ("model", "optimizer", "scheduler", "layer_stats"):
+            getattr(self, name).load_state_dict(state[name])
+
+
+def checkpoint(run: Run, progress: Progress, ctx: runtime.Context) -> dict:
+    """What a resume needs besides the run's record (runfiles.Journal adds that): collective under DDP."""
+    return {**run.state_dict(), "progress": progress.state_dict(ctx), "rng": runtime.rng_states()}
+
+
+def restore(run: Run, saved: dict, ctx: runtime.Context) -> Progress:
+    """The run and the RNGs as a checkpoint left them, and where training stood."""
+    run.load_state_dict(saved)
+    runtime.set_rng_states(saved["rng"])
+    progress = Progress.from_state(saved["progress"], ctx)
+    ctx.log(f"resuming at epoch {progress.epoch}, step {progress.step}")
+    return progress
+
+
+def initialize(norm, model: nn.Module, args, data, ctx: runtime.Context) -> None:
+    """The norm's own init (WN's data-dependent one) on one batch of --init_images training images."""
+    if args.init_images > data.train_images:
+        raise flag_error("--init_images", f"must be at most {data.train_images}, the training images, "
+                                          f"got {args.init_images}")
+    try:
+        norm.init(model, data.train.init_batch(args.init_images)[0].to(ctx.device), args.wn_residual_scale)
+    except RuntimeError as e:  # torch.OutOfMemoryError on CUDA; a plain RuntimeError from the CPU's allocator
+        if not (isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e)):
+            raise
+        raise flag_error("--init_images", f"{args.init_images} images do not fit in the memory of {ctx.device} "
+                                          f"in one batch; use fewer") from None
+
+
+def build(args, ctx: runtime.Context, data) -> Run:
+    norm = NORMS[args.norm_type]
+    model = build_model(args.backbone_type, args.norm_type, data.num_classes,
+                        cifar_stem=DATASETS[args.data_name].image_size == 32, width=args.width)
+    params, flops = count_params_flops(model, DATASETS[args.data_name].image_size)
     model.to(ctx.device)
-    if wn_layers(model):  # before DDP wraps the model, whose constructor hands every rank rank 0's values
-        data_dependent_init(model, train_loader.init_batch(args.init_images).to(ctx.device))
-        scale_residual_branches(model, args.wn_residual_scale)
+    if norm.init:  # before DDP wraps the model, whose constructor hands every rank rank 0's values
+        initialize(norm, model, args, data, ctx)
     if args.sync_bn and ctx.world > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(ctx.device, memory_format=ctx.memory_format)
@@ -276,160 +276,91 @@ def build(args, ctx: Context, train_loader) -> tuple:
     if ctx.world > 1:
         device_ids = None if ctx.device.type == "cpu" else [ctx.device.index]
         train_model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-    if compile_mode(args, ctx) != "off":
-        train_model = torch.compile(train_model, mode=compile_mode(args, ctx))
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
-                                 fused=ctx.device.type == "cuda")
-    milestones = sorted({args.epochs // 2, args.epochs * 3 // 4})  # a set: at 2 epochs, one drop, not two
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=0.1)
-    return model, train_model, optimizer, scheduler, counts
+    mode = compile_mode(args, ctx.device, ctx.world)
+    if mode != "off":
+        train_model = torch.compile(train_model, mode=mode)
+    optimizer = make_optimizer(model, args, ctx.device)
+    probe = ctx.to_device(*data.train.init_batch(PROBE_IMAGES)) if args.layer_stats else None
+    stats = LayerStats(model, weight_layers(model), blocks(model), probe, ctx.autocast)
+    return Run(model, train_model, optimizer, make_scheduler(optimizer, args, len(data.train)), stats, params, flops)
 
 
-def compile_mode(args, ctx: Context) -> str:
-    if args.compile != "auto":
-        return args.compile
-    # Small batches are bound by kernel launches, which CUDA graphs remove. BatchNorm's running-statistics
-    # updates are buffer mutations that the graphs replay in place; the last, smaller batch of an epoch
-    # records a second graph once.
-    return "reduce-overhead" if ctx.device.type == "cuda" and args.batch_size <= 16 else "off"
+# -----------------------------------------------------------------------------
+# the loop
 
-
-def new_progress(epoch: int, device: torch.device) -> dict:
-    """Where the run stands: the epoch under way, the next step in it, and what it has summed so far."""
-    return {"epoch": epoch, "step": 0, "sums": torch.zeros(3, device=device), "seconds": 0.0}
-
-
-def resume_checkpoint(args, files: utils.RunFiles, status, ctx: Context):
-    """The checkpoint to continue from, or None to start afresh; refuses to clobber earlier results."""
-    if not args.resume:
-        if files.started() or status:
-            raise utils.UserError(f"{files.name} already has results in {files.dir}; pass --resume to continue "
-                                  f"it (or skip it if it is finished), or choose another --results_dir")
-        return None
-    checkpoint = files.load_checkpoint(ctx.device)
-    if checkpoint is None:
-        return None
-    for key, saved in checkpoint["args"].items():
-        if key not in RESUMABLE_CHANGES and getattr(args, key, saved) != saved:
-            raise utils.UserError(f"--{key} is {getattr(args, key)} but {files.checkpoint} was made with {saved}; "
-                                  f"resume with the same --{key}")
-    if checkpoint["args"]["world_size"] != ctx.world:
-        raise utils.UserError(f"{files.checkpoint} was made by {checkpoint['args']['world_size']} processes, "
-                              f"this run has {ctx.world}; resume with the same number")
-    return checkpoint
-
-
-def checkpoint_state(model, optimizer, scheduler, progress: dict, history: list, run_args: dict) -> dict:
-    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "progress": {**progress, "sums": progress["sums"].cpu()}, "history": history, "rng": rng_states(),
-            "args": run_args}
-
-
-def restore(checkpoint: dict, model, optimizer, scheduler, ctx: Context) -> tuple:
-    """(history, progress) from a checkpoint; the model, optimizer, scheduler and RNGs are loaded in place."""
-    model.load_state_dict(checkpoint["model"])
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    scheduler.load_state_dict(checkpoint["scheduler"])
-    set_rng_states(checkpoint["rng"])
-    progress = {**checkpoint["progress"], "sums": checkpoint["progress"]["sums"].to(ctx.device)}
-    if not ctx.is_main:  # the saved sums are all ranks' together; rank 0 carries them
-        progress["sums"].zero_()
-    return checkpoint["history"], progress
-
-
-def save_epoch(files: utils.RunFiles, state: dict, summary: dict, finished: bool) -> None:
-    """An epoch's end on disk. The checkpoint lands before the CSV, so the CSV never runs ahead of what a
-    resume restores, and the final weights before the summary says "finished"."""
-    files.save_checkpoint(state)
-    if finished:
-        files.save_weights({"model": state["model"], "args": state["args"]})
-    files.write_history(state["history"])
-    files.write_summary(summary_row(summary, state["history"], "finished" if finished else "incomplete"))
-
-
-def summary_row(base: dict, history: list, status: str) -> dict:
-    row = {**base, "epochs_done": len(history), "status": status}
-    if history:
-        best = max(history, key=lambda r: r["test_top1"])
-        row.update(best_top1=best["test_top1"], best_top5=best["test_top5"],
-                   final_top1=history[-1]["test_top1"], final_top5=history[-1]["test_top5"])
-    return row
-
-
-def device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+def run_epoch(run: Run, data, journal: Journal, progress: Progress, ctx: runtime.Context, stop: runtime.StopSignal,
+              args) -> Progress:
+    """Finish the epoch under way, evaluate it, and save it; returns the progress of the next epoch."""
+    epoch = progress.epoch
+    data.train.set_epoch(epoch, progress.step)
+    start = time.time()
+    try:
+        train_one_epoch(run, data.train, progress, ctx, stop, args.epochs)
+    finally:
+        progress.seconds += time.time() - start
+    train = progress.totals(ctx)
+    start = time.time()
+    test = evaluate(run.model, data.test, ctx)
+    layer_rows = run.layer_stats.rows(epoch)
+    journal.epochs.append({"epoch": epoch, "lr": progress.lr, "train_loss": train.loss, "train_top1": train.top1,
+                           "test_loss": test["loss"], "test_top1": test["top1"], "test_top5": test["top5"],
+                           "seconds": progress.seconds + time.time() - start})
+    journal.layers.extend(layer_rows)
+    following, last = Progress.start(epoch + 1, run.optimizer, ctx.device), epoch == args.epochs
+    journal.save("finished" if last else "incomplete",
+                 None if last and not args.keep_checkpoint else checkpoint(run, following, ctx),
+                 run.model.state_dict() if last else None)
+    ctx.log(f"epoch {epoch}/{args.epochs}: train loss {train.loss:.4f} top-1 {train.top1:.2f}% | test loss "
+            f"{test['loss']:.4f} top-1 {test['top1']:.2f}% top-5 {test['top5']:.2f}% | "
+            f"{journal.epochs[-1]['seconds']:.1f} s")
+    return following
 
 
 def main(args: argparse.Namespace) -> None:
     # -------------------------------------------------------------------------
-    # setup
-    ctx = setup(args)
-    files = utils.RunFiles(args.results_dir, args, enabled=ctx.is_main)
-    status = files.status()
-    if args.resume and status in utils.DONE:
-        ctx.log(f"{files.name} is already {status} in {files.dir}; nothing to do")
-        return
-    checkpoint = resume_checkpoint(args, files, status, ctx)
+    # setup: processes, the run's files, and whether there is anything left to do
+    ctx = runtime.setup(args)
+    run_args = {**vars(args), "device": str(ctx.device), "compile": compile_mode(args, ctx.device, ctx.world),
+                "world_size": ctx.world}  # saved with the results, the checkpoint and the weights
+    files = RunFiles(args.results_dir, run_args, enabled=ctx.is_main)
+    status = files.check_resume(run_args, RESUMABLE_CHANGES)
+    if status in DONE:
+        return ctx.log(f"{files.name} is already {status} in {files.dir}; nothing to do")
 
     # -------------------------------------------------------------------------
     # data
-    train_loader, test_loader = utils.build_loaders(args, ctx.device, ctx.rank, ctx.world)
+    data = build_loaders(args, ctx)
 
     # -------------------------------------------------------------------------
-    # model
-    model, train_model, optimizer, scheduler, (params, flops) = build(args, ctx, train_loader)
-    history, progress = [], new_progress(1, ctx.device)
-    if checkpoint:
-        history, progress = restore(checkpoint, model, optimizer, scheduler, ctx)
-        ctx.log(f"resuming {files.name} at epoch {progress['epoch']}, step {progress['step']}")
-    run_args = {**vars(args), "world_size": ctx.world}  # saved with the results, the checkpoint and the weights
+    # model, and where training stands
+    run = build(args, ctx, data)
+    saved = files.load_checkpoint(ctx.device) if args.resume else None
+    progress = restore(run, saved, ctx) if saved else Progress.start(1, run.optimizer, ctx.device)
+    journal = Journal(files, run_args, {"params_m": round(run.params / 1e6, 2), "flops": run.flops,
+                                        "device": ctx.device_name}, saved)
     files.write_args(run_args)
-    summary = {**files.config, "epochs": args.epochs, "params_m": round(params / 1e6, 2), "flops": flops,
-               "world_size": ctx.world, "device": device_name(ctx.device)}
-    ctx.log(f"{files.name}: {params / 1e6:.2f}M params, {utils.human(flops)} FLOPs, "
-            f"{ctx.world} x {device_name(ctx.device)}")
+    ctx.log(f"{files.name}: {run.params / 1e6:.2f}M params, {human(run.flops)} FLOPs, "
+            f"{ctx.world} x {ctx.device_name}")
 
     # -------------------------------------------------------------------------
-    # loop
-    with StopSignal() as stop:
+    # the loop
+    with runtime.StopSignal() as stop:
         try:
-            while progress["epoch"] <= args.epochs:
-                epoch, lr = progress["epoch"], optimizer.param_groups[0]["lr"]
-                train_loader.set_epoch(epoch, progress["step"])
-                start = time.time()
-                try:
-                    train_one_epoch(train_model, train_loader, optimizer, progress, ctx, stop)
-                finally:
-                    progress["seconds"] += time.time() - start
-                loss_sum, top1, n = ctx.all_sum(progress["sums"].clone()).tolist()
-                if not math.isfinite(loss_sum):
-                    raise Diverged(f"loss became {loss_sum} in epoch {epoch}")
-                start = time.time()
-                test = evaluate(model, test_loader, ctx)
-                history.append({"epoch": epoch, "lr": lr, "train_loss": loss_sum / n, "train_top1": 100 * top1 / n,
-                                "test_loss": test["loss"], "test_top1": test["top1"], "test_top5": test["top5"],
-                                "seconds": progress["seconds"] + time.time() - start})
-                scheduler.step()
-                progress = new_progress(epoch + 1, ctx.device)
-                state = checkpoint_state(model, optimizer, scheduler, progress, history, run_args)
-                save_epoch(files, state, summary, finished=epoch == args.epochs)
-                ctx.log(f"epoch {epoch}/{args.epochs}: train loss {history[-1]['train_loss']:.4f} "
-                        f"top-1 {history[-1]['train_top1']:.2f}% | test loss {test['loss']:.4f} "
-                        f"top-1 {test['top1']:.2f}% top-5 {test['top5']:.2f}%")
-        except Diverged as e:
-            files.write_history(history)  # as it was, but written even when no epoch finished
-            files.write_summary(summary_row(summary, history, "diverged"))
-            raise utils.RunDiverged(f"{files.name} diverged: {e}. Its {len(history)} finished epochs are in "
-                                    f"{files.statistics}, and summary.csv marks it diverged; a lower --lr may help"
-                                    ) from None
-        except Interrupted:
-            progress["sums"] = ctx.all_sum(progress["sums"])  # all ranks' partial sums, carried by rank 0 on resume
-            files.save_checkpoint(checkpoint_state(model, optimizer, scheduler, progress, history, run_args))
+            while progress.epoch <= args.epochs:
+                progress = run_epoch(run, data, journal, progress, ctx, stop, args)
+        except runtime.Diverged as e:
+            journal.save("diverged")
+            raise RunDiverged(f"{files.name} diverged: {e}. Its {len(journal.epochs)} finished epochs are in "
+                              f"{files.statistics}, and summary.csv marks it diverged; a lower --lr may help") from None
+        except runtime.Interrupted:
+            journal.save("incomplete", checkpoint(run, progress, ctx))
             command = " ".join(["python", *sys.argv] + ([] if args.resume else ["--resume"]))
-            raise utils.UserError(f"stopped by {signal.Signals(stop.signum).name} in epoch {progress['epoch']} "
-                                  f"after step {progress['step']}; {files.checkpoint} is saved. Continue with: "
-                                  f"{command}", exit_code=128 + stop.signum) from None
+            raise UserError(f"stopped by {signal.Signals(stop.signum).name} in epoch {progress.epoch} after step "
+                            f"{progress.step}; {files.checkpoint} is saved. Continue with: {command}",
+                            exit_code=128 + stop.signum) from None
+    ctx.log(f"{files.name} finished: results in {files.statistics}, {files.layers} and {files.summary}; "
+            f"weights in {files.weights}")
 
 
 if __name__ == "__main__":
-    utils.run_cli(lambda: main(parse_args()), "cls.py")
+    run_cli(lambda: main(parse_args()), "cls.py")

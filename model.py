@@ -1,18 +1,20 @@
-"""ResNet-18/34/50 and ResNeXt-50 with a pluggable normalization: bn, in or wn.
+"""ResNet-18/34/50 and ResNeXt-50 with a pluggable normalization: bn, in, wn, wn_mbn or gn.
 
-The network never asks which norm it has. `build_model` looks the name up in `NORMS` and threads three
-factories through the stem, the blocks and the downsample path, as torchvision's resnet.py does with
-`norm_layer`:
+The network never asks which norm it has. `NORMS` holds, for each --norm_type, everything a norm needs: the
+three factories that `build_model` threads through the stem, the blocks and the downsample path (as
+torchvision's resnet.py does with `norm_layer`), its label in tables and plots, and its init:
     conv_layer(in_ch, out_ch, kernel_size, stride=1, groups=1) -> module
     norm_layer(channels) -> module
     linear_layer(in_features, out_features) -> module
 Weight normalization (Salimans & Kingma 2016) changes the conv itself, so `wn` swaps in `WNConv2d` as the
-conv factory and `nn.Identity` as the norm; the blocks have no branch for it.
+conv factory and `nn.Identity` as the norm; the blocks have no branch for it. Adding a norm is one entry.
 """
+import copy
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable
+from typing import Callable, Optional
 
+import thop
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -21,39 +23,43 @@ import torch.nn.functional as F
 # -----------------------------------------------------------------------------
 # weight normalization
 
-class _WeightNormed(nn.Module):
-    """Base of the layers whose weight is w = g * v / ||v|| (Salimans & Kingma 2016, eq. 2).
+class WeightNormed(nn.Module):
+    """Base of the layers whose weight is w = g * v / sqrt(||v||^2 + eps) (Salimans & Kingma 2016, eq. 2).
 
     v has the plain layer's weight shape, (out, in/groups, kh, kw) or (out, in); g and bias are (out,).
-    The norm runs over every dim but the output channel. g starts at ||v||, so at init w == v and the layer
-    is exactly its plain counterpart; the data-dependent init of the paper (section 3) may overwrite g
-    and bias later, which is why both are plain parameters here.
+    The norm runs over every dim but the output channel. g starts at ||v||, so at init w == v (to 1e-7) and
+    the layer is its plain counterpart; the data-dependent init (section 3) overwrites g and bias later,
+    which is why both are plain parameters here. eps keeps w and its gradient finite when ||v|| -> 0: the
+    plain v / ||v|| has a NaN gradient at v = 0 (pytorch issue 19126) and an unbounded one near it. At 1e-8
+    it moves no weight of a Kaiming-initialized v (||v||^2 >= 0.09 in these nets) by more than 1e-7.
     """
+    eps = 1e-8
 
     def __init__(self, v: torch.Tensor, bias: bool):
         super().__init__()
         self.v = nn.Parameter(v)
-        self.g = nn.Parameter(self._v_norm().flatten().detach().clone())
+        self.g = nn.Parameter(self.v_norm().detach().clone())
         self.bias = nn.Parameter(torch.zeros(v.shape[0])) if bias else None
 
-    def _v_norm(self) -> torch.Tensor:
+    def _v_sumsq(self) -> torch.Tensor:
         # At least float32, even under autocast or for a bf16 model: a low-precision sum of squares over
         # 4608 terms (512 x 3 x 3) keeps only about 3 significant digits.
-        dims = tuple(range(1, self.v.dim()))
-        dtype = torch.promote_types(self.v.dtype, torch.float32)
-        return torch.linalg.vector_norm(self.v, dim=dims, keepdim=True, dtype=dtype)
+        v = self.v.to(torch.promote_types(self.v.dtype, torch.float32))
+        return v.square().sum(tuple(range(1, v.dim())), keepdim=True)  # (out, 1, ...)
+
+    def v_norm(self) -> torch.Tensor:
+        """||v|| per output channel, (out,), in float32."""
+        return self._v_sumsq().sqrt().flatten()
 
     @property
     def weight(self) -> torch.Tensor:
-        """The effective weight g * v / ||v||, in v's dtype. thop's counters read its shape too."""
-        norm = self._v_norm()  # (out, 1, ...)
-        g = self.g.to(norm.dtype).view_as(norm)
-        return (self.v.to(norm.dtype) * (g / norm)).to(self.v.dtype)
+        """The effective weight g * v / sqrt(||v||^2 + eps), in v's dtype. thop's counters read its shape too."""
+        sumsq = self._v_sumsq()
+        scale = self.g.to(sumsq.dtype).view_as(sumsq) * torch.rsqrt(sumsq + self.eps)
+        return (self.v.to(sumsq.dtype) * scale).to(self.v.dtype)
 
 
-class WNConv2d(_WeightNormed):
-    """A weight-normalized conv; a subclass of nothing thop knows, so utils registers its counter."""
-
+class WNConv2d(WeightNormed):
     def __init__(self, in_ch: int, out_ch: int, kernel_size: int, stride: int = 1, groups: int = 1,
                  bias: bool = True):
         v = torch.empty(out_ch, in_ch // groups, kernel_size, kernel_size)
@@ -71,7 +77,7 @@ class WNConv2d(_WeightNormed):
                 f"groups={self.groups}, bias={self.bias is not None}")
 
 
-class WNLinear(_WeightNormed):
+class WNLinear(WeightNormed):
     def __init__(self, in_features: int, out_features: int, bias: bool = True):
         v = nn.Linear(in_features, out_features).weight.detach()  # nn.Linear's default init
         super().__init__(v, bias)
@@ -85,7 +91,7 @@ class WNLinear(_WeightNormed):
 
 
 # -----------------------------------------------------------------------------
-# the normalization choices: the keys are cls.py's --norm_type choices
+# the other layers a norm is made of
 
 def conv2d(in_ch: int, out_ch: int, kernel_size: int, stride: int = 1, groups: int = 1,
            bias: bool = False) -> nn.Conv2d:
@@ -108,9 +114,13 @@ def no_norm(channels: int) -> nn.Identity:
     return nn.Identity()
 
 
-def group_norm(channels: int) -> nn.GroupNorm:
+def group_norm(channels: int, groups: int = 32) -> nn.GroupNorm:
     # 32 groups, as in Wu & He 2018: ResNet-50 on ImageNet at 24.1% error for every batch from 32 down to 2.
-    return nn.GroupNorm(32, channels)
+    # Every layer of the real widths has a multiple of 32 channels; the narrow test nets (--width 8) get fewer
+    # groups, as many as divide their channels.
+    while channels % groups:
+        groups //= 2
+    return nn.GroupNorm(groups, channels)
 
 
 class MeanOnlyBatchNorm2d(nn.Module):
@@ -134,20 +144,40 @@ class MeanOnlyBatchNorm2d(nn.Module):
         return x - (mean - self.bias).to(x.dtype).view(1, -1, 1, 1)
 
 
+# -----------------------------------------------------------------------------
+# the registries: their keys are cls.py's --norm_type and --backbone_type choices
+
 @dataclass(frozen=True)
 class Norm:
+    label: str  # in tables and plots
     conv_layer: Callable[..., nn.Module]
     norm_layer: Callable[[int], nn.Module]
     linear_layer: Callable[[int, int], nn.Module] = nn.Linear
+    # Run once before the first step, as init(model, images (B, 3, H, W), residual_scale).
+    init: Optional[Callable[..., None]] = None
+
+
+@dataclass(frozen=True)
+class Backbone:
+    label: str
+    block: type
+    layers: tuple  # blocks per stage
+    groups: int = 1
+    width_per_group: int = 64
+
+
+def wn_init(model: nn.Module, x: torch.Tensor, residual_scale) -> None:
+    data_dependent_init(model, x)
+    scale_residual_branches(model, residual_scale)
 
 
 NORMS = {
-    "bn": Norm(conv2d, batch_norm),
-    "in": Norm(conv2d, instance_norm),
+    "bn": Norm("BN", conv2d, batch_norm),
+    "in": Norm("IN", conv2d, instance_norm),
     # Every conv gets a bias where bn had a BatchNorm: WN alone has no shift.
-    "wn": Norm(WNConv2d, no_norm, WNLinear),
-    "wn_mbn": Norm(partial(WNConv2d, bias=False), MeanOnlyBatchNorm2d, WNLinear),
-    "gn": Norm(conv2d, group_norm),
+    "wn": Norm("WN", WNConv2d, no_norm, WNLinear, init=wn_init),
+    "wn_mbn": Norm("WN+MBN", partial(WNConv2d, bias=False), MeanOnlyBatchNorm2d, WNLinear, init=wn_init),
+    "gn": Norm("GN", conv2d, group_norm),
 }
 
 
@@ -203,22 +233,25 @@ class Bottleneck(nn.Module):
 
 
 class ResNet(nn.Module):
+    """`width` is the stem's channels, doubled at every stage: 64 in the papers; the tests train nets of
+    width 8, about 60x cheaper, wherever they check the machinery rather than the real counts."""
+
     def __init__(self, block: type, layers: tuple, norm: Norm, num_classes: int, cifar_stem: bool = True,
-                 groups: int = 1, width_per_group: int = 64):
+                 groups: int = 1, width_per_group: int = 64, width: int = 64):
         super().__init__()
         if cifar_stem:  # 32x32 inputs: keep the resolution, the last stage works on 4x4
-            self.stem = nn.Sequential(norm.conv_layer(3, 64, 3), norm.norm_layer(64), nn.ReLU(inplace=True))
+            self.stem = nn.Sequential(norm.conv_layer(3, width, 3), norm.norm_layer(width), nn.ReLU(inplace=True))
         else:  # 224x224 inputs: /4 before the first stage
-            self.stem = nn.Sequential(norm.conv_layer(3, 64, 7, 2), norm.norm_layer(64), nn.ReLU(inplace=True),
-                                      nn.MaxPool2d(3, 2, 1))
-        self.in_ch = 64
+            self.stem = nn.Sequential(norm.conv_layer(3, width, 7, 2), norm.norm_layer(width),
+                                      nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1))
+        self.in_ch = width
         block_args = dict(norm=norm, groups=groups, width_per_group=width_per_group)
-        self.layer1 = self._make_stage(block, 64, layers[0], 1, block_args)
-        self.layer2 = self._make_stage(block, 128, layers[1], 2, block_args)
-        self.layer3 = self._make_stage(block, 256, layers[2], 2, block_args)
-        self.layer4 = self._make_stage(block, 512, layers[3], 2, block_args)
+        self.layer1 = self._make_stage(block, width, layers[0], 1, block_args)
+        self.layer2 = self._make_stage(block, 2 * width, layers[1], 2, block_args)
+        self.layer3 = self._make_stage(block, 4 * width, layers[2], 2, block_args)
+        self.layer4 = self._make_stage(block, 8 * width, layers[3], 2, block_args)
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = norm.linear_layer(512 * block.expansion, num_classes)
+        self.fc = norm.linear_layer(8 * width * block.expansion, num_classes)
 
     def _make_stage(self, block: type, planes: int, blocks: int, stride: int, block_args: dict) -> nn.Sequential:
         norm, out_ch = block_args["norm"], planes * block.expansion
@@ -230,31 +263,60 @@ class ResNet(nn.Module):
         stage += [block(out_ch, planes, 1, nn.Identity(), **block_args) for _ in range(1, blocks)]
         return nn.Sequential(*stage)
 
+    def stages(self) -> list:
+        return [self.layer1, self.layer2, self.layer3, self.layer4]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> logits (B, num_classes)."""
         x = self.stem(x)
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        for stage in self.stages():
+            x = stage(x)
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
 MODELS = {
-    "resnet18": dict(block=BasicBlock, layers=(2, 2, 2, 2)),
-    "resnet34": dict(block=BasicBlock, layers=(3, 4, 6, 3)),
-    "resnet50": dict(block=Bottleneck, layers=(3, 4, 6, 3)),
-    "resnext50": dict(block=Bottleneck, layers=(3, 4, 6, 3), groups=32, width_per_group=4),
+    "resnet18": Backbone("ResNet18", BasicBlock, (2, 2, 2, 2)),
+    "resnet34": Backbone("ResNet34", BasicBlock, (3, 4, 6, 3)),
+    "resnet50": Backbone("ResNet50", Bottleneck, (3, 4, 6, 3)),
+    "resnext50": Backbone("ResNeXt50", Bottleneck, (3, 4, 6, 3), groups=32, width_per_group=4),
 }
 
 
-def build_model(backbone_type: str, norm_type: str, num_classes: int, cifar_stem: bool = True) -> ResNet:
-    return ResNet(norm=NORMS[norm_type], num_classes=num_classes, cifar_stem=cifar_stem, **MODELS[backbone_type])
+def build_model(backbone_type: str, norm_type: str, num_classes: int, cifar_stem: bool = True,
+                width: int = 64) -> ResNet:
+    b = MODELS[backbone_type]
+    return ResNet(b.block, b.layers, NORMS[norm_type], num_classes, cifar_stem, b.groups, b.width_per_group, width)
+
+
+# -----------------------------------------------------------------------------
+# the layers by role: the optimizer's decay and the layer statistics read these
+
+@dataclass(frozen=True)
+class WeightLayer:
+    """A conv or linear, plain or WN, by the roles of its parameters."""
+    module: nn.Module
+    direction: nn.Parameter  # the weight tensor: v for WN, weight otherwise; the one weight decay acts on
+    gain: Optional[nn.Parameter]  # WN's g; None for a plain layer, whose gain, if any, is the norm's affine
+
+
+def weight_layers(model: nn.Module) -> dict:
+    """{name: WeightLayer} for every conv and linear, in forward order."""
+    return {name: WeightLayer(m, m.v, m.g) if isinstance(m, WeightNormed) else WeightLayer(m, m.weight, None)
+            for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear, WeightNormed))}
+
+
+def wn_layers(model: nn.Module) -> list:
+    return [m for m in model.modules() if isinstance(m, WeightNormed)]
+
+
+def blocks(model: ResNet) -> dict:
+    """{name: module} for the stem and every residual block, in forward order: where the signal is read."""
+    return {"stem": model.stem, **{f"layer{i}.{j}": block for i, stage in enumerate(model.stages(), 1)
+                                   for j, block in enumerate(stage)}}
 
 
 # -----------------------------------------------------------------------------
 # WN's initialization
-
-def wn_layers(model: nn.Module) -> list:
-    return [m for m in model.modules() if isinstance(m, _WeightNormed)]
-
 
 @torch.no_grad()
 def data_dependent_init(model: nn.Module, x: torch.Tensor) -> None:
@@ -263,7 +325,7 @@ def data_dependent_init(model: nn.Module, x: torch.Tensor) -> None:
     b = -mean(t)/std(t), so that its output starts at zero mean and unit variance. One forward pass does
     it: a hook standardizes each layer's output before the next layer sees it."""
     def standardize(layer, inputs, output):
-        layer.g.fill_(1.0)
+        layer.g.fill_(1.0)  # w = v / ||v||, up to eps
         if layer.bias is not None:
             layer.bias.zero_()
         t = layer.forward(*inputs).float()  # (B, C, H, W) or (B, C); forward() skips this hook
@@ -283,16 +345,35 @@ def data_dependent_init(model: nn.Module, x: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def scale_residual_branches(model: nn.Module, scale: float) -> None:
-    """Multiply the output of the last WN layer of every residual branch by `scale` (its g and bias; v is
-    never touched, since ||v|| = 0 makes the gradient NaN, pytorch issue 19126). After the data-dependent
-    init each branch adds unit variance to the residual stream, and plain WN ResNet-50 trains badly
-    (Gitman & Ginsburg 2017: about 6% below BN on ImageNet); a small branch at init, as in SkipInit (De &
-    Smith 2020) and Fixup (Zhang et al. 2019), keeps the stream near the identity. See README for the
-    measurement behind the default scale."""
-    for block in model.modules():
-        end = getattr(block, getattr(block, "branch_end", ""), None)
-        if isinstance(end, _WeightNormed):
-            end.g.mul_(scale)
-            if end.bias is not None:
-                end.bias.mul_(scale)
+def scale_residual_branches(model: ResNet, scale="auto") -> None:
+    """Multiply the output of the last WN layer of every residual branch (its g and bias; never v) by
+    `scale`, or with "auto" by 1/(blocks in its stage): Arpit et al. 2019's init for WN ResNets
+    (victorcampos7/weightnorm-init, conv2_g_gain = 1/resblocks_per_stage). After the data-dependent init
+    each branch adds unit variance to the residual stream, which grows with depth; scaling the branches
+    down keeps it bounded. A scale of 0 (SkipInit, Fixup) is the worst of {0, 0.5, 1} on the GPU (issue 11:
+    ResNet-18, 15 epochs, 82.25 / 86.03 / 83.17% top-1); see README "Weight normalization at init"."""
+    for stage in model.stages():
+        s = 1 / len(stage) if scale == "auto" else float(scale)
+        for block in stage:
+            end = getattr(block, block.branch_end)
+            if isinstance(end, WeightNormed):
+                end.g.mul_(s)
+                if end.bias is not None:
+                    end.bias.mul_(s)
+
+
+# -----------------------------------------------------------------------------
+# parameters and FLOPs
+
+# thop picks a counter by exact type, so it counts our WN layers as 0 MACs unless told; they expose `weight`,
+# `bias`, `groups` and `in_features` as thop's own Conv2d and Linear counters expect.
+THOP_CUSTOM_OPS = {WNConv2d: thop.vision.basic_hooks.count_convNd, WNLinear: thop.vision.basic_hooks.count_linear}
+
+
+def count_params_flops(model: nn.Module, image_size: int) -> tuple:
+    """(parameters, thop multiply-accumulates for one image), the convention of the original table."""
+    params = sum(p.numel() for p in model.parameters())
+    probe = copy.deepcopy(model)  # thop adds total_ops/total_params buffers to what it profiles
+    x = torch.zeros(1, 3, image_size, image_size, device=next(model.parameters()).device)
+    flops, _ = thop.profile(probe, inputs=(x,), custom_ops=THOP_CUSTOM_OPS, verbose=False)
+    return params, int(flops)

@@ -1,55 +1,208 @@
-"""Run a grid of cls.py configurations, one after another. Finished and diverged configurations are
-skipped and a stopped one resumes, so a sweep can simply be started again after any interruption.
+"""Run a grid of cls.py configurations. Finished and diverged configurations are skipped and a stopped one
+resumes, so a sweep can simply be started again after any interruption.
 
 Examples:
     python sweep.py --backbone_type resnet18 --norm_type bn in wn --batch_size 1 2 4 8 16 32 64 128 256 --epochs 90
-    python sweep.py --norm_type bn gn wn wn_mbn in --batch_size 2 32 256 --epochs 15 --data_path .data
+    python sweep.py --norm_type bn in gn wn wn_mbn --batch_size 32 --epochs 15 --jobs auto
     torchrun --nproc_per_node 4 sweep.py --data_name imagenet --norm_type bn gn --batch_size 32 64
 
 The four grid flags take several values; every other flag is cls.py's and goes to every run unchanged.
+With --jobs 1 the configurations run one after another in this process (under torchrun, each on all the
+processes). With --jobs N, N of them run at once, each as its own cls.py process on the same device, with
+its output in {results_dir}/{run}.log: small batches leave most of a GPU idle (issue 12: six batch-32
+runs on one H100 took 270 s together, about 100 s each alone). --jobs auto picks N from the free GPU memory.
 """
+from utils.cli import exit_on_ctrl_c
+
+if __name__ == "__main__":
+    exit_on_ctrl_c("sweep.py")  # before the imports below, which take seconds (flake8: E402 is meant)
+
 import argparse
 import itertools
 import os
+import signal
+import subprocess
 import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 import cls
-import utils
 from model import MODELS, NORMS
+from utils import runtime
+from utils.cli import ArgumentParser, RunDiverged, UserError, auto_or_positive_int, positive_int, run_cli
+from utils.data import DATASETS
+from utils.runfiles import DONE, RunFiles, run_name
 
-GRID = {"data_name": list(utils.NUM_CLASSES), "backbone_type": list(MODELS), "norm_type": list(NORMS),
-        "batch_size": None}
+
+GRID = {"data_name": list(DATASETS), "backbone_type": list(MODELS), "norm_type": list(NORMS), "batch_size": None}
+# GPU memory a run may take. A budget, not a measurement: ResNet-18 at batch 32 holds CIFAR-10 twice as uint8
+# (0.5 GB), the weights with AdamW's state, CUDA graphs' pools and a batch-500 evaluation.
+GIB_PER_RUN = 4
 
 
-def parse_grid(argv=None) -> tuple:
-    """({flag: [values]}, the remaining arguments for cls.py)."""
-    p = cls.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+@dataclass
+class Config:
+    """One configuration of the grid: its cls.py command line, and that line parsed."""
+    argv: list
+    args: argparse.Namespace
+
+    @property
+    def name(self) -> str:
+        return run_name(self.args)
+
+
+def parse(argv=None) -> tuple:
+    """([Config], --jobs). Bad flags stop the sweep here, before any run."""
+    p = ArgumentParser(description=__doc__)
     defaults = cls.make_parser().parse_args([])
     for flag, choices in GRID.items():
         p.add_argument(f"--{flag}", nargs="+", default=[getattr(defaults, flag)], choices=choices,
-                       type=cls.positive_int if flag == "batch_size" else str)
+                       type=positive_int if flag == "batch_size" else str)
+    p.add_argument("--jobs", default=1, type=auto_or_positive_int, help="configurations at once, each its own process")
     grid, rest = p.parse_known_args(argv)
-    return vars(grid), rest
+    jobs = grid.__dict__.pop("jobs")
+    configs = []
+    for values in itertools.product(*vars(grid).values()):
+        argv = [f"--{k}={v}" for k, v in zip(GRID, values, strict=True)] + rest + ["--resume"]
+        configs.append(Config(argv, cls.parse_args(argv)))
+    return configs, jobs
 
 
-def main(argv=None) -> None:
-    grid, rest = parse_grid(argv)
-    configs = [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
-    is_main = int(os.environ.get("RANK", 0)) == 0  # under torchrun, as cls.py: only rank 0 prints
+def auto_jobs(n_configs: int, device) -> int:
+    """As many runs as fit in the free GPU memory at GIB_PER_RUN, and two host cores each (one launches
+    kernels, one compiles); one on the CPU, where a run already uses every core. The free memory is read in
+    a process of its own: here, CUDA would hold a context of its own for the whole sweep."""
+    probe = (f"import torch; d = torch.device({device!r} or 'cuda'); "
+             f"print(torch.cuda.mem_get_info(d)[0] if torch.cuda.is_available() and d.type == 'cuda' else 0)")
+    free = int(subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout)
+    if not free:
+        return 1
+    return max(1, min(n_configs, free // (GIB_PER_RUN * 2**30), (os.cpu_count() or 2) // 2))
+
+
+def in_process(configs: list) -> None:
+    is_main = runtime.process_place()[0] == 0  # under torchrun, as cls.py: only rank 0 prints
     for i, config in enumerate(configs, 1):
-        argv = [f"--{k}={v}" for k, v in config.items()] + rest + ["--resume"]
-        args = cls.parse_args(argv)  # bad flags stop the sweep here, before any run
         if is_main:
-            print(f"[{i}/{len(configs)}] {utils.run_name(args)}", flush=True)
+            print(f"[{i}/{len(configs)}] {config.name}", flush=True)
         torch._dynamo.reset()  # a fresh compile cache per configuration, below dynamo's recompile limit
         try:
-            cls.main(args)
-        except utils.RunDiverged as e:  # a result like any other; the next configuration is independent
+            cls.main(config.args)
+        except RunDiverged as e:  # a result like any other; the next configuration is independent
             if is_main:
                 print(f"sweep.py: {e}", file=sys.stderr)
 
 
+def done(config: Config) -> bool:
+    """Whether the run is finished or diverged, as cls.py would find it, without a process to start: refuses,
+    as cls.py does, a changed flag that defines the run."""
+    run_args = {**vars(config.args), "world_size": 1}
+    status = RunFiles(config.args.results_dir, run_args, enabled=False).check_resume(run_args, cls.RESUMABLE_CHANGES)
+    if status in DONE:
+        print(f"{config.name} is already {status} in {config.args.results_dir}; nothing to do", flush=True)
+    return status in DONE
+
+
+@dataclass
+class Child:
+    config: Config
+    log: Path
+    proc: subprocess.Popen
+
+
+class Children:
+    """The cls.py processes of a parallel sweep. Each runs in its own session, so that Ctrl-C reaches it
+    once, forwarded from here, and never twice (a second signal would stop it before its checkpoint)."""
+
+    def __init__(self, jobs: int):
+        self.running, self.signum = [], 0
+        # Each child's share of the host's cores: torch's default of one thread per core in every child makes
+        # them fight over the cores, several times slower in all than one after another.
+        threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // jobs))
+        self.env = {**os.environ, "OMP_NUM_THREADS": threads}
+
+    def start(self, config: Config) -> None:
+        log = Path(config.args.results_dir) / f"{config.name}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "a") as out:
+            proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("cls.py")), *config.argv],
+                                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=self.env)
+        self.running.append(Child(config, log, proc))
+        if self.signum:  # a signal that came while it started
+            proc.send_signal(self.signum)
+        print(f"started {config.name}, output in {log}", flush=True)
+
+    def forward(self, signum, frame) -> None:
+        self.signum = signum
+        for child in self.running:
+            child.proc.send_signal(signum)
+
+    def wait(self) -> Child:
+        """The next child to end."""
+        while True:
+            for child in self.running:
+                if child.proc.poll() is not None:
+                    self.running.remove(child)
+                    return child
+            time.sleep(0.2)
+
+
+def in_parallel(configs: list, jobs: int) -> None:
+    """Up to `jobs` runs at once. A failure stops new starts, as with --jobs 1, and the running ones finish;
+    SIGINT or SIGTERM reaches every child, which saves its checkpoint, and the sweep then stops."""
+    children, pending, failed = Children(jobs), [c for c in configs if not done(c)], None
+    previous = {s: signal.signal(s, children.forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while pending or children.running:
+            while pending and len(children.running) < jobs and not (children.signum or failed):
+                children.start(pending.pop(0))
+            if not children.running:
+                break
+            child = children.wait()
+            status = outcome(child, stopping=bool(children.signum))
+            print(f"{child.config.name}: {status} (exit status {child.proc.returncode})", flush=True)
+            if status == "failed":
+                failed = failed or f"{child.config.name} failed: {last_line(child.log)}"
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if failed:
+        raise UserError(failed)
+    if children.signum:
+        raise UserError(f"stopped by {signal.Signals(children.signum).name}; the runs saved their checkpoints: "
+                        f"start the same command again to continue", exit_code=128 + children.signum)
+
+
+def outcome(child: Child, stopping: bool) -> str:
+    """What a child's exit means: its run finished or diverged (a result either way), it stopped on the signal
+    the sweep forwarded, or it failed (an error, or killed by something else: the OOM killer, a crash)."""
+    code, args = child.proc.returncode, child.config.args
+    if stopping and (code < 0 or code >= 128):
+        return "stopped"
+    status = RunFiles(args.results_dir, vars(args), enabled=False).status()
+    return status if code == 0 or (code == 1 and status == "diverged") else "failed"
+
+
+def last_line(log: Path) -> str:
+    lines = log.read_text().strip().splitlines()
+    return lines[-1] if lines else f"no output, see {log}"
+
+
+def main(argv=None) -> None:
+    configs, jobs = parse(argv)
+    if jobs == "auto":
+        jobs = auto_jobs(len(configs), configs[0].args.device)
+    if jobs > 1 and runtime.process_place()[1] > 1:
+        raise UserError("--jobs runs configurations side by side on one device; under torchrun use --jobs 1")
+    if jobs == 1:
+        in_process(configs)
+    else:
+        print(f"sweep.py: {len(configs)} configurations, {jobs} at a time", flush=True)
+        in_parallel(configs, jobs)
+
+
 if __name__ == "__main__":
-    utils.run_cli(main, "sweep.py")
+    run_cli(main, "sweep.py")

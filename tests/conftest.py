@@ -1,20 +1,57 @@
-"""Tiny datasets in the official on-disk formats, and a helper that runs cls.py as a user would."""
+"""Tiny datasets in the official on-disk formats, helpers that run cls.py as a user would, the one
+uninterrupted run that several tests compare against, and the deselection of the CUDA tests on a machine
+without CUDA.
+
+Tests that check the machinery train networks of --width 8, about 60x cheaper than the papers' 64; the
+params/FLOPs tests use the real widths."""
+import contextlib
+import functools
+import io
 import os
 import pickle
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import cls  # noqa: E402
-import utils  # noqa: E402
+from model import build_model, count_params_flops  # noqa: E402
+from utils.cli import run_cli  # noqa: E402
+from utils.data import DATASETS  # noqa: E402
 
+NARROW = ["--width", "8", "--device", "cpu", "--workers", "0"]  # a later --width or --workers overrides these
+# As this process runs: runs compared to the last digit must sum in the same order, on as many threads.
+ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1"}
+
+
+# -----------------------------------------------------------------------------
+# CUDA tests: deselected, and said so in the summary line, where there is no CUDA device
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    deselected = [item for item in items if "cuda" in item.keywords]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = [item for item in items if "cuda" not in item.keywords]
+
+
+def pytest_report_header(config):
+    if not torch.cuda.is_available():
+        return "no CUDA device: the tests marked cuda (tests/test_cuda.py) are deselected"
+    return f"CUDA device: {torch.cuda.get_device_name()}"
+
+
+# -----------------------------------------------------------------------------
+# datasets
 
 def make_images(n: int, num_classes: int, rng: np.random.Generator, learnable: bool) -> tuple:
     """(n, 32, 32, 3) uint8 images and their labels. Learnable images are one flat colour per class plus
@@ -30,19 +67,20 @@ def make_images(n: int, num_classes: int, rng: np.random.Generator, learnable: b
 def write_cifar(root: Path, data_name: str, n_train: int = 24, n_test: int = 12, learnable: bool = False,
                 seed: int = 0) -> Path:
     """The official python layout: pickled dicts of `data` (N, 3072) uint8 rows, R then G then B planes,
-    and a list of `labels` (CIFAR-10) or `fine_labels` (CIFAR-100), with str keys as Python 2 wrote them."""
-    spec = utils.CIFAR[data_name]
-    folder = root / spec["folder"]
+    and a list of `labels` (CIFAR-10) or `fine_labels` (CIFAR-100), with str keys as Python 2 wrote them.
+    n_train images go in each training batch file (5 of them for CIFAR-10)."""
+    spec = DATASETS[data_name]
+    folder = root / spec.files.folder
     folder.mkdir(parents=True)
     rng = np.random.default_rng(seed)
     for split, n in (("train", n_train), ("test", n_test)):
-        files = spec[split]
-        images, labels = make_images(n * len(files), utils.NUM_CLASSES[data_name], rng, learnable)
+        files = getattr(spec.files, split)
+        images, labels = make_images(n * len(files), spec.num_classes, rng, learnable)
         for i, name in enumerate(files):
             part = slice(i * n, (i + 1) * n)
             batch = {"batch_label": f"{split} batch {i}", "filenames": [f"{j}.png" for j in range(n)],
                      "data": images[part].transpose(0, 3, 1, 2).reshape(n, 3072),
-                     spec["label_key"]: labels[part].tolist()}
+                     spec.files.label_key: labels[part].tolist()}
             with open(folder / name, "wb") as f:
                 pickle.dump(batch, f, protocol=2)
     return root
@@ -67,11 +105,20 @@ def cifar10(tmp_path):
     return write_cifar(tmp_path / "data", "cifar10")
 
 
+@pytest.fixture(scope="session")
+def data(tmp_path_factory):
+    """40 training and 10 test images of CIFAR-10's layout, shared by the tests that do not change them."""
+    return write_cifar(tmp_path_factory.mktemp("cifar") / "data", "cifar10", n_train=8, n_test=10)
+
+
+# -----------------------------------------------------------------------------
+# running cls.py
+
 def run_cls_here(capsys, *args: str) -> tuple:
-    """(exit status, stdout, stderr) of cls.py run in this process, through the same run_cli as its __main__:
-    much faster than a new interpreter, for runs that stop early."""
+    """(exit status, stdout, stderr) of cls.py run in this process, through the same run_cli as its __main__,
+    on a narrow net: much faster than a new interpreter."""
     try:
-        utils.run_cli(lambda: cls.main(cls.parse_args(["--device", "cpu", "--workers", "0", *args])), "cls.py")
+        run_cli(lambda: cls.main(cls.parse_args([*NARROW, *args])), "cls.py")
         status = 0
     except SystemExit as e:
         status = e.code
@@ -80,7 +127,32 @@ def run_cls_here(capsys, *args: str) -> tuple:
 
 
 def run_cls(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    """cls.py in a fresh process on the CPU, as a user would start it."""
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, str(ROOT / "cls.py"), "--device", "cpu", "--workers", "0", *args],
-                          capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    """cls.py in a fresh process on the CPU, as a user would start it, on a narrow net."""
+    return subprocess.run([sys.executable, str(ROOT / "cls.py"), *NARROW, *args], capture_output=True, text=True,
+                          timeout=timeout, env=ENV, cwd=ROOT)
+
+
+def start_cls(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(ROOT / "cls.py"), *NARROW, *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
+
+
+# The run the reliability and layer-statistics tests compare against: 40 images at batch 4, 10 steps an epoch.
+RUN = ["--epochs", "4", "--batch_size", "4", "--seed", "3"]
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(tmp_path_factory, data):
+    """RUN, uninterrupted: its results folder, and its stdout, which went to a buffer as it goes to a log file.
+    The runs compared with it in fresh processes check that a run does not depend on the process."""
+    results = tmp_path_factory.mktemp("uninterrupted")
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        cls.main(cls.parse_args([*NARROW, "--data_path", str(data), *RUN, "--results_dir", str(results)]))
+    return SimpleNamespace(results=results, stdout=stdout.getvalue())
+
+
+@functools.lru_cache(maxsize=None)
+def counts(backbone: str, norm: str, num_classes: int = 10, cifar_stem: bool = True) -> tuple:
+    """(parameters, MACs) of a real-width network, built once for all the tests that count it."""
+    return count_params_flops(build_model(backbone, norm, num_classes, cifar_stem), 32 if cifar_stem else 224)

@@ -1,27 +1,31 @@
-"""cls.py end to end on tiny generated datasets, and its answers to bad input."""
+"""cls.py end to end on tiny generated datasets, what it tells a user, and its answers to bad input."""
+import dataclasses
 import json
 import pickle
+import re
 import shutil
+import signal
+import time
 import urllib.error
+from contextlib import nullcontext
 
 import pandas as pd
 import pytest
 import torch
 
-import utils
-from conftest import run_cls, run_cls_here, write_cifar, write_imagefolder
-from model import build_model
-
-
-def read_results(results):
-    stats = pd.read_csv(next(results.glob("*_statistics.csv")))
-    summary = pd.read_csv(results / "summary.csv")
-    return stats, summary
+import cls
+import report
+from conftest import NARROW, run_cls, run_cls_here, start_cls, write_cifar, write_imagefolder
+from model import NORMS, build_model, count_params_flops
+from utils import runtime
+from utils.cli import run_cli
+from utils.data import build_loaders
+from utils.runfiles import EPOCH_COLUMNS, SUMMARY_COLUMNS
 
 
 def check_run(results, name, data_name, backbone, norm, epochs, num_classes, image_size):
     stats = pd.read_csv(results / f"{name}_statistics.csv")
-    assert list(stats.columns) == utils.EPOCH_COLUMNS
+    assert list(stats.columns) == EPOCH_COLUMNS
     assert stats.epoch.tolist() == list(range(1, epochs + 1))
     assert (stats.lr > 0).all() and (stats.seconds > 0).all()
     assert (stats[["train_loss", "test_loss"]] > 0).all().all()
@@ -30,69 +34,163 @@ def check_run(results, name, data_name, backbone, norm, epochs, num_classes, ima
     assert (stats.test_top5 >= stats.test_top1).all()
 
     summary = pd.read_csv(results / "summary.csv")
-    assert list(summary.columns) == utils.SUMMARY_COLUMNS and len(summary) == 1
+    assert list(summary.columns) == SUMMARY_COLUMNS and len(summary) == 1
     row = summary.iloc[0]
     assert (row.data_name, row.backbone_type, row.norm_type) == (data_name, backbone, norm)
     assert (row.epochs, row.epochs_done, row.status, row.device) == (epochs, epochs, "finished", "cpu")
-    params, flops = utils.count_params_flops(build_model(backbone, norm, num_classes, data_name != "imagenet"),
-                                             image_size)
+    assert (row.optimizer, row.lr, row.weight_decay, row.lr_schedule, row.seed, row.width) == \
+           ("adamw", 1e-3, 0.05, "cosine", 0, 8)  # how the run was made, beside its results
+    model = build_model(backbone, norm, num_classes, data_name != "imagenet", width=8)
+    params, flops = count_params_flops(model, image_size)
     assert row.params_m == round(params / 1e6, 2) and row.flops == flops
     assert row.final_top1 == stats.test_top1.iloc[-1] and row.best_top1 == stats.test_top1.max()
 
     args = json.loads((results / f"{name}_args.json").read_text())
-    assert (args["data_name"], args["norm_type"], args["epochs"]) == (data_name, norm, epochs)
-    checkpoint = torch.load(results / f"{name}_model.pth")
-    assert checkpoint["args"] == args
-    model = build_model(backbone, norm, num_classes, data_name != "imagenet")
-    model.load_state_dict(checkpoint["model"])
+    assert (args["data_name"], args["norm_type"], args["epochs"], args["world_size"]) == (data_name, norm, epochs, 1)
+    weights = torch.load(results / f"{name}_model.pth")
+    assert weights["args"] == args
+    model.load_state_dict(weights["model"])
+    assert not (results / f"{name}_checkpoint.pth").exists()  # a finished run keeps only its weights
 
 
 @pytest.mark.parametrize("data_name,norm,num_classes", [("cifar10", "wn", 10), ("cifar100", "in", 100)])
-def test_cifar_end_to_end(tmp_path, data_name, norm, num_classes):
+def test_cifar_end_to_end(tmp_path, capsys, data_name, norm, num_classes):
     data = write_cifar(tmp_path / "data", data_name, n_train=8, n_test=10)
-    r = run_cls("--data_name", data_name, "--data_path", str(data), "--norm_type", norm, "--epochs", "2",
-                "--batch_size", "8", "--results_dir", str(tmp_path / "results"))
-    assert r.returncode == 0, r.stderr
-    check_run(tmp_path / "results", f"{data_name}_resnet18_{norm}_8", data_name, "resnet18", norm, 2,
-              num_classes, 32)
+    status, _, err = run_cls_here(capsys, "--data_name", data_name, "--data_path", str(data), "--norm_type", norm,
+                                  "--epochs", "2", "--batch_size", "8", "--init_images", "8",
+                                  "--results_dir", str(tmp_path / "results"))
+    assert status == 0, err
+    check_run(tmp_path / "results", f"{data_name}_resnet18_{norm}_8", data_name, "resnet18", norm, 2, num_classes, 32)
 
 
-def test_imagenet_end_to_end(tmp_path):
+def test_imagenet_end_to_end_with_a_head_per_class_folder(tmp_path, capsys):
     data = write_imagefolder(tmp_path / "imagenet", classes=3, per_class=2)
-    r = run_cls("--data_name", "imagenet", "--data_path", str(data), "--epochs", "1", "--batch_size", "3",
-                "--results_dir", str(tmp_path / "results"))
-    assert r.returncode == 0, r.stderr
-    check_run(tmp_path / "results", "imagenet_resnet18_bn_3", "imagenet", "resnet18", "bn", 1, 1000, 224)
+    status, _, err = run_cls_here(capsys, "--data_name", "imagenet", "--data_path", str(data), "--epochs", "1",
+                                  "--batch_size", "3", "--results_dir", str(tmp_path / "results"))
+    assert status == 0, err
+    check_run(tmp_path / "results", "imagenet_resnet18_bn_3", "imagenet", "resnet18", "bn", 1, 3, 224)
+
+
+def test_synthetic_data_runs_end_to_end(tmp_path, capsys):
+    status, _, err = run_cls_here(capsys, "--data_name", "synthetic", "--subset", "16", "--epochs", "1",
+                                  "--batch_size", "8", "--results_dir", str(tmp_path / "results"))
+    assert status == 0, err
+    check_run(tmp_path / "results", "synthetic_resnet18_bn_8", "synthetic", "resnet18", "bn", 1, 10, 32)
+
+
+def loaders(*flags):
+    args = cls.parse_args([*NARROW, *flags])
+    return build_loaders(args, runtime.Context(0, 1, torch.device("cpu"), nullcontext(), torch.contiguous_format))
+
+
+def test_subset_takes_a_fixed_random_n_of_each_split_for_cifar_and_imagenet(tmp_path, data):
+    cifar = loaders("--data_path", str(data), "--subset", "12", "--batch_size", "4")
+    assert cifar.train_images == 12 and cifar.train.num_images == 12 and cifar.test.num_images == 10  # test: 10
+    folders = write_imagefolder(tmp_path / "imagenet", classes=3, per_class=3)
+    imagenet = loaders("--data_name", "imagenet", "--data_path", str(folders), "--subset", "4", "--batch_size", "4")
+    assert (imagenet.train_images, imagenet.num_classes) == (4, 3)
+    assert imagenet.train.num_images == 4 and imagenet.test.num_images == 4
+
+
+def test_data_path_may_name_the_cifar_folder_itself(tmp_path, data, capsys):
+    status, _, err = run_cls_here(capsys, "--data_path", str(data / "cifar-10-batches-py"), "--epochs", "1",
+                                  "--results_dir", str(tmp_path))
+    assert status == 0, err
+    assert json.loads(next(tmp_path.glob("*_args.json")).read_text())["data_path"] == str(data)  # as used
+
+
+def test_help_shows_every_default():
+    text = " ".join(cls.make_parser().format_help().split())
+    for action in cls.make_parser()._actions:
+        if action.default is not None and action.dest != "help":
+            assert f"(default: {action.default})" in text, action.dest
+
+
+def test_a_run_in_a_log_prints_progress_within_an_epoch_and_a_last_line(uninterrupted):
+    out = uninterrupted.stdout.splitlines()
+    epoch_end = next(i for i, line in enumerate(out) if line.startswith("epoch 1/4: train loss"))
+    progress = [line for line in out[:epoch_end] if re.fullmatch(
+        r"epoch 1/4 +\d+% \(\d+/40 images\): [\d.]+ images/s, loss [\d.]+, top-1 [\d.]+%, epoch ETA \d+:\d\d:\d\d", line)]
+    assert len(progress) >= 5  # 10 steps an epoch: a line at every 10% or more
+    assert out[-1].startswith("cifar10_resnet18_bn_4 finished: results in") and str(uninterrupted.results) in out[-1]
+
+
+def test_keep_checkpoint_keeps_it(tmp_path, data, capsys):
+    status, _, err = run_cls_here(capsys, "--data_path", str(data), "--epochs", "1", "--keep_checkpoint",
+                                  "--results_dir", str(tmp_path))
+    assert status == 0, err
+    assert torch.load(next(tmp_path.glob("*_checkpoint.pth")), weights_only=False)["progress"]["epoch"] == 2
 
 
 # -----------------------------------------------------------------------------
-# bad input: one line on stderr, a non-zero exit, no traceback, no results file claiming success. Most cases
-# run in this process through cls.py's own run_cli, the path its __main__ takes; two run as a user would.
+# bad input: one line on stderr, a non-zero exit, no traceback, nothing written that claims a result, and
+# what a results folder held before stays byte for byte the same. Most cases run in this process through
+# cls.py's own run_cli, the path its __main__ takes; some run as a user would.
 
-def assert_clean_failure(status, stderr, results, *words):
+@pytest.fixture
+def earlier(tmp_path, uninterrupted):
+    """A results folder that already holds a finished run, and its files' bytes."""
+    results = tmp_path / "results"
+    shutil.copytree(uninterrupted.results, results)
+    return results, files_of(results)
+
+
+def files_of(folder):
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+
+def assert_clean_failure(status, stderr, earlier, *words):
+    results, before = earlier
     assert status != 0
     lines = stderr.strip().splitlines()
     assert len(lines) == 1, stderr
     assert "Traceback" not in stderr
     for word in words:
         assert word in lines[0], lines[0]
-    summary = results / "summary.csv"
-    assert not summary.exists() or "finished" not in summary.read_text()
-    assert not list(results.glob("*_statistics.csv"))
+    assert files_of(results) == before
 
 
 @pytest.mark.parametrize("flag,value,words", [
     ("--norm_type", "ln", ["--norm_type", "invalid choice", "'ln'"]),
     ("--backbone_type", "vgg16", ["--backbone_type", "invalid choice"]),
     ("--data_name", "mnist", ["--data_name", "invalid choice"]),
+    ("--optimizer", "sgd", ["--optimizer", "invalid choice"]),
     ("--batch_size", "0", ["--batch_size", "at least 1"]),
     ("--epochs", "-3", ["--epochs", "at least 1"]),
     ("--batch_size", "many", ["--batch_size", "invalid"]),
+    ("--lr", "-1", ["--lr", "finite number above 0"]),
+    ("--lr", "nan", ["--lr", "finite number above 0"]),
+    ("--lr", "inf", ["--lr", "finite number above 0"]),
+    ("--weight_decay", "-0.1", ["--weight_decay", "at least 0"]),
+    ("--warmup_epochs", "-1", ["--warmup_epochs", "at least 0"]),
+    ("--subset", "-5", ["--subset", "at least 0"]),
+    ("--wn_residual_scale", "-1", ["--wn_residual_scale", "'auto' or"]),
+    # limits that only the data knows: 40 training images
+    ("--subset", "41", ["--subset", "at most 40", "got 41"]),
+    ("--batch_size", "41", ["--batch_size", "at most 40", "got 41"]),
+    ("--init_images", "41", ["--init_images", "at most 40", "got 41"]),
 ])
-def test_bad_flags(tmp_path, cifar10, capsys, flag, value, words):
-    status, _, err = run_cls_here(capsys, "--data_path", str(cifar10), "--results_dir", str(tmp_path / "r"),
-                                  flag, value)
-    assert_clean_failure(status, err, tmp_path / "r", *words)
+def test_bad_flags(data, earlier, capsys, flag, value, words):
+    status, _, err = run_cls_here(capsys, "--data_path", str(data), "--norm_type", "wn", "--results_dir",
+                                  str(earlier[0]), flag, value)
+    assert_clean_failure(status, err, earlier, *words)
+    assert status == 2  # argparse's status for a bad flag
+
+
+def test_an_init_batch_that_does_not_fit_in_memory_is_one_line(data, earlier, capsys, monkeypatch):
+    def out_of_memory(model, x, residual_scale):
+        torch.empty(2**50)  # 4 PiB: what 50,000 images through a ResNet at once ask of a 24 GB machine, and more
+
+    monkeypatch.setitem(NORMS, "wn", dataclasses.replace(NORMS["wn"], init=out_of_memory))
+    status, _, err = run_cls_here(capsys, "--data_path", str(data), "--norm_type", "wn", "--init_images", "40",
+                                  "--results_dir", str(earlier[0]))
+    assert_clean_failure(status, err, earlier, "--init_images", "do not fit in the memory of cpu")
+
+
+def test_a_batch_larger_than_a_subset_is_refused(data, earlier, capsys):
+    status, _, err = run_cls_here(capsys, "--data_path", str(data), "--subset", "16", "--batch_size", "100000",
+                                  "--results_dir", str(earlier[0]))
+    assert_clean_failure(status, err, earlier, "--batch_size", "at most 16")
 
 
 def corrupt_batch(folder, how):
@@ -109,59 +207,99 @@ def corrupt_batch(folder, how):
 
 
 @pytest.mark.parametrize("how", ["missing", "truncated", "garbage", "wrong_keys"])
-def test_missing_or_corrupt_cifar_batch(tmp_path, cifar10, capsys, how):
+def test_missing_or_corrupt_cifar_batch(cifar10, earlier, capsys, how):
     path = corrupt_batch(cifar10, how)
-    status, _, err = run_cls_here(capsys, "--data_path", str(cifar10), "--epochs", "1",
-                                  "--results_dir", str(tmp_path / "r"))
-    assert_clean_failure(status, err, tmp_path / "r", str(path))
+    status, _, err = run_cls_here(capsys, "--data_path", str(cifar10), "--epochs", "1", "--results_dir",
+                                  str(earlier[0]))
+    assert_clean_failure(status, err, earlier, str(path))
 
 
-def test_data_path_is_a_file(tmp_path, capsys):
+def test_data_path_is_a_file(tmp_path, earlier, capsys):
     path = tmp_path / "cifar.tar.gz"
     path.write_bytes(b"not a folder")
-    status, _, err = run_cls_here(capsys, "--data_path", str(path), "--results_dir", str(tmp_path / "r"))
-    assert_clean_failure(status, err, tmp_path / "r", str(path), "is a file")
+    status, _, err = run_cls_here(capsys, "--data_path", str(path), "--results_dir", str(earlier[0]))
+    assert_clean_failure(status, err, earlier, str(path), "is a file")
+
+
+@pytest.mark.parametrize("content", [b"", b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe" * 50, b"a,b\n1,2\n", b'x"\n"y,\n'])
+def test_an_unreadable_summary_is_named_and_left_alone(data, earlier, capsys, content):
+    (earlier[0] / "summary.csv").write_bytes(content)
+    before = files_of(earlier[0])
+    status, _, err = run_cls_here(capsys, "--data_path", str(data), "--norm_type", "in", "--epochs", "1",
+                                  "--results_dir", str(earlier[0]))
+    assert_clean_failure(status, err, (earlier[0], before), str(earlier[0] / "summary.csv"))
+    with pytest.raises(SystemExit):
+        run_cli(lambda: report.main(["--results_dir", str(earlier[0])]), "report.py")
+    assert_clean_failure(1, capsys.readouterr().err, (earlier[0], before), str(earlier[0] / "summary.csv"))
 
 
 @pytest.mark.parametrize("missing", ["train", "val"])
-def test_imagenet_without_train_or_val(tmp_path, capsys, missing):
+def test_imagenet_without_train_or_val(tmp_path, earlier, capsys, missing):
     data = write_imagefolder(tmp_path / "imagenet", classes=2, per_class=1)
     shutil.rmtree(data / missing)
     status, _, err = run_cls_here(capsys, "--data_name", "imagenet", "--data_path", str(data),
-                                  "--results_dir", str(tmp_path / "r"))
-    assert_clean_failure(status, err, tmp_path / "r", str(data / missing))
+                                  "--results_dir", str(earlier[0]))
+    assert_clean_failure(status, err, earlier, str(data / missing))
 
 
-def test_results_dir_that_cannot_be_written(tmp_path, cifar10, capsys):
+def test_imagenet_train_and_val_with_other_classes(tmp_path, earlier, capsys):
+    data = write_imagefolder(tmp_path / "imagenet", classes=3, per_class=1)
+    (data / "val" / "n00000002").rename(data / "val" / "n00000007")
+    status, _, err = run_cls_here(capsys, "--data_name", "imagenet", "--data_path", str(data),
+                                  "--results_dir", str(earlier[0]))
+    assert_clean_failure(status, err, earlier, "different class folders", "n00000002", "n00000007")
+
+
+@pytest.mark.parametrize("workers", ["0", "1"])
+def test_an_unreadable_image_is_named(tmp_path, capsys, workers):
+    data = write_imagefolder(tmp_path / "imagenet", classes=2, per_class=2)
+    bad = data / "train" / "n00000001" / "x.jpg"
+    bad.write_bytes(b"this is not an image")
+    results = tmp_path / "results"
+    status, _, err = run_cls_here(capsys, "--data_name", "imagenet", "--data_path", str(data), "--batch_size", "5",
+                                  "--epochs", "1", "--workers", workers, "--no-layer_stats", "--results_dir",
+                                  str(results))  # no probe batch: the image is first read in training
+    assert status == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert str(bad) in err and "cannot read image" in err
+    assert not (results / "summary.csv").exists() or "finished" not in (results / "summary.csv").read_text()
+
+
+def test_results_dir_that_cannot_be_written(tmp_path, data, earlier, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
     results = blocker / "results"  # a folder under a file: unwritable even for root
-    status, _, err = run_cls_here(capsys, "--data_path", str(cifar10), "--epochs", "1", "--results_dir", str(results))
-    assert_clean_failure(status, err, tmp_path / "nowhere", "--results_dir", str(results))
+    status, _, err = run_cls_here(capsys, "--data_path", str(data), "--epochs", "1", "--results_dir", str(results))
+    assert_clean_failure(status, err, earlier, "--results_dir", str(results))
 
 
 @pytest.mark.parametrize("bad", ["flag", "batch"])
-def test_bad_input_in_a_real_process(tmp_path, cifar10, bad):
+def test_bad_input_in_a_real_process(cifar10, earlier, bad):
     args = ["--norm_type", "ln"] if bad == "flag" else ["--epochs", "1"]
     if bad == "batch":
         corrupt_batch(cifar10, "truncated")
-    r = run_cls("--data_path", str(cifar10), "--results_dir", str(tmp_path / "r"), *args)
-    assert_clean_failure(r.returncode, r.stderr, tmp_path / "r", "cls.py: error:")
+    r = run_cls("--data_path", str(cifar10), "--results_dir", str(earlier[0]), *args)
+    assert_clean_failure(r.returncode, r.stderr, earlier, "cls.py: error:")
+
+
+def test_ctrl_c_before_training_is_one_line(data, earlier):
+    proc = start_cls("--data_path", str(data), "--results_dir", str(earlier[0]), "--norm_type", "in")
+    time.sleep(1.0)  # in the seconds of imports
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert_clean_failure(proc.returncode, err, earlier, "interrupted by Ctrl-C")
+    assert proc.returncode == 128 + signal.SIGINT
 
 
 def test_no_network_names_the_folder(tmp_path, monkeypatch):
+    import torchvision.datasets.utils
+    from utils.cli import UserError
+    from utils.data import load_cifar
+
     def offline(*args, **kwargs):
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
 
-    monkeypatch.setattr(utils, "download_and_extract_archive", offline)
-    with pytest.raises(utils.UserError) as err:
-        utils.load_cifar(str(tmp_path / "empty"), "cifar100")
+    monkeypatch.setattr(torchvision.datasets.utils, "download_and_extract_archive", offline)
+    with pytest.raises(UserError) as err:
+        load_cifar(str(tmp_path / "empty"), "cifar100")
     message = str(err.value)
     assert "cifar-100-python/" in message and str(tmp_path / "empty") in message and "\n" not in message
-
-
-def test_synthetic_data_runs_end_to_end(tmp_path):
-    r = run_cls("--data_name", "synthetic", "--subset", "16", "--epochs", "1", "--batch_size", "8",
-                "--results_dir", str(tmp_path / "results"))
-    assert r.returncode == 0, r.stderr
-    check_run(tmp_path / "results", "synthetic_resnet18_bn_8", "synthetic", "resnet18", "bn", 1, 10, 32)

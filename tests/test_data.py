@@ -4,7 +4,7 @@ import itertools
 import pytest
 import torch
 
-import utils
+from utils.data import CifarLoader, fixed_sample, resolve_path
 
 N = 300
 MEAN_STD = ((0.25, 0.5, 0.75), (0.1, 0.2, 0.3))
@@ -17,7 +17,7 @@ def images():
 
 
 def loader(images, train=True, batch_size=64, **kwargs):
-    return utils.CifarLoader(images, torch.arange(len(images)), batch_size, MEAN_STD, train, torch.device("cpu"),
+    return CifarLoader(images, torch.arange(len(images)), batch_size, MEAN_STD, train, torch.device("cpu"),
                              seed=1, **kwargs)
 
 
@@ -93,3 +93,17 @@ def test_a_resumed_epoch_replays_the_rest_exactly(images):
     x, y, _ = epoch(loader(images), 3)
     x_rest, y_rest, _ = epoch(loader(images), 3, start_step=2)
     assert torch.equal(y_rest, y[128:]) and torch.equal(x_rest, x[128:])
+
+
+def test_a_fixed_sample_is_the_same_for_every_call_and_not_the_first_n():
+    a, b = fixed_sample(1000, 64), fixed_sample(1000, 64)
+    assert torch.equal(a, b) and len(set(a.tolist())) == 64 and a.tolist() != list(range(64))
+    assert torch.equal(fixed_sample(1000, 1000).sort().values, torch.arange(1000))
+
+
+def test_data_path_may_name_the_cifar_folder_itself(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    assert resolve_path("cifar10", str(folder)) == str(tmp_path)
+    assert resolve_path("cifar10", str(tmp_path)) == str(tmp_path)
+    assert resolve_path("cifar100", None) == "data" and resolve_path("synthetic", None) is None

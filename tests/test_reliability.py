@@ -1,5 +1,4 @@
 """DDP under torchrun, checkpoints and resume, divergence, signals, determinism and not clobbering results."""
-import os
 import shutil
 import signal
 import subprocess
@@ -10,11 +9,16 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import ROOT, run_cls, run_cls_here, write_cifar
+from conftest import ENV, NARROW, ROOT, RUN, run_cls_here, start_cls
 
 
 def statistics(results):
     (path,) = results.glob("*_statistics.csv")
+    return pd.read_csv(path)
+
+
+def layers(results):
+    (path,) = results.glob("*_layers.csv")
     return pd.read_csv(path)
 
 
@@ -28,39 +32,40 @@ def assert_same_but_seconds(a: pd.DataFrame, b: pd.DataFrame):
     pd.testing.assert_frame_equal(a.drop(columns="seconds"), b.drop(columns="seconds"), check_exact=True)
 
 
+COMMON = ["--epochs", "2", "--lr", "1e-4", "--init_images", "40"]
+
+
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return write_cifar(tmp_path_factory.mktemp("cifar") / "data", "cifar10", n_train=8, n_test=10)  # 40 train
+def torchrun_sweep(tmp_path_factory, data):
+    """wn and in, each on two CPU processes at batch 4, a global batch of 8: one torchrun of sweep.py, which
+    runs both configurations in one process group."""
+    results = tmp_path_factory.mktemp("ddp")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(ROOT / "sweep.py"), *NARROW, "--data_path", str(data), "--norm_type", "wn", "in",
+                        "--batch_size", "4", *COMMON, "--results_dir", str(results)], capture_output=True, text=True,
+                       env={**ENV, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return results
 
 
 @pytest.mark.parametrize("norm", ["wn", "in"])
-def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(tmp_path, data, norm):
+def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(tmp_path, data, torchrun_sweep,
+                                                                               norm, capsys):
     # lr 1e-4: Adam turns rounding noise in near-zero gradients into lr-sized steps; a smaller lr keeps that
     # chaos below the tolerance, while ranks that did not average their gradients would still differ by far more.
-    common = ["--data_path", str(data), "--norm_type", norm, "--epochs", "2", "--lr", "1e-4", "--device", "cpu",
-              "--workers", "0"]
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          str(ROOT / "cls.py"), *common, "--batch_size", "4", "--results_dir", str(tmp_path / "ddp")],
-                         capture_output=True, text=True, env=env, timeout=300)
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
-    single = run_cls(*common, "--batch_size", "8", "--results_dir", str(tmp_path / "single"))
-    assert single.returncode == 0, single.stderr
-
-    two, one = statistics(tmp_path / "ddp"), statistics(tmp_path / "single")
-    assert len(list((tmp_path / "ddp").glob("*_statistics.csv"))) == 1 and len(two) == 2
-    row = summary_row(tmp_path / "ddp")
+    status, _, err = run_cls_here(capsys, "--data_path", str(data), "--norm_type", norm, "--batch_size", "8",
+                                  *COMMON, "--results_dir", str(tmp_path))
+    assert status == 0, err
+    name = f"cifar10_resnet18_{norm}_4"
+    two, one = pd.read_csv(torchrun_sweep / f"{name}_statistics.csv"), statistics(tmp_path)
+    assert len(two) == 2
+    row = pd.read_csv(torchrun_sweep / "summary.csv").set_index("norm_type").loc[norm]
     assert (row.status, row.world_size, row.batch_size) == ("finished", 2, 4)
     for col in ("train_loss", "test_loss"):  # the gradients really are averaged over the two ranks
         assert two[col].tolist() == pytest.approx(one[col].tolist(), rel=1e-4)
     for col in ("test_top1", "test_top5"):  # train_top1 is left out: a near-tie on random data may flip
         assert two[col].tolist() == one[col].tolist()
-
-
-def start_cls(*args):
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, str(ROOT / "cls.py"), "--device", "cpu", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    assert len(pd.read_csv(torchrun_sweep / f"{name}_layers.csv")) == len(layers(tmp_path)) > 0  # rank 0's, once
 
 
 def wait_for_epochs(results, n, proc, timeout=300):
@@ -74,44 +79,34 @@ def wait_for_epochs(results, n, proc, timeout=300):
     raise TimeoutError
 
 
-RUN = ["--epochs", "3", "--batch_size", "4", "--seed", "3"]  # 10 steps an epoch on the 40 images
+def test_seeded_cpu_runs_are_identical_apart_from_seconds(tmp_path, data, uninterrupted, capsys):
+    status, _, err = run_cls_here(capsys, "--data_path", str(data), *RUN, "--results_dir", str(tmp_path))
+    assert status == 0, err
+    assert_same_but_seconds(statistics(tmp_path), statistics(uninterrupted.results))
+    pd.testing.assert_frame_equal(layers(tmp_path), layers(uninterrupted.results), check_exact=True)
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, data):
-    results = tmp_path_factory.mktemp("uninterrupted")
-    r = run_cls("--data_path", str(data), *RUN, "--results_dir", str(results))
-    assert r.returncode == 0, r.stderr
-    return results
-
-
-def test_seeded_cpu_runs_are_identical_apart_from_seconds(tmp_path, data, uninterrupted):
-    r = run_cls("--data_path", str(data), *RUN, "--results_dir", str(tmp_path))
-    assert r.returncode == 0, r.stderr
-    assert_same_but_seconds(statistics(tmp_path), statistics(uninterrupted))
-
-
-def test_sigkill_in_epoch_2_then_resume_gives_the_uninterrupted_csv(tmp_path, data, uninterrupted):
+def test_sigkill_in_epoch_2_then_resume_gives_the_uninterrupted_csvs(tmp_path, data, uninterrupted, capsys):
     args = ["--data_path", str(data), *RUN, "--results_dir", str(tmp_path)]
     proc = start_cls(*args)
     wait_for_epochs(tmp_path, 1, proc)
     proc.kill()
     proc.communicate()
-    assert len(statistics(tmp_path)) < 3
+    assert len(statistics(tmp_path)) < 4
     assert summary_row(tmp_path).status == "incomplete"
-    changed = run_cls(*args, "--resume", "--lr", "0.5")  # a resume must not mix two recipes in one CSV
-    assert changed.returncode == 1 and "--lr" in changed.stderr and len(changed.stderr.strip().splitlines()) == 1
-    r = run_cls(*args, "--resume")
-    assert r.returncode == 0, r.stderr
-    assert_same_but_seconds(statistics(tmp_path), statistics(uninterrupted))
+    status, _, err = run_cls_here(capsys, *args, "--resume", "--lr", "0.5")  # no two recipes in one CSV
+    assert status == 1 and "--lr" in err and len(err.strip().splitlines()) == 1
+    status, _, err = run_cls_here(capsys, *args, "--resume")  # the warmup and cosine schedule, stepped per step
+    assert status == 0, err
+    assert_same_but_seconds(statistics(tmp_path), statistics(uninterrupted.results))
+    pd.testing.assert_frame_equal(layers(tmp_path), layers(uninterrupted.results), check_exact=True)
     assert summary_row(tmp_path).status == "finished"
 
 
-def test_sigterm_mid_epoch_leaves_a_loadable_checkpoint_and_a_consistent_csv(tmp_path, data, uninterrupted):
+def test_sigterm_mid_epoch_leaves_a_loadable_checkpoint_and_a_consistent_csv(tmp_path, data, uninterrupted, capsys):
     args = ["--data_path", str(data), *RUN, "--results_dir", str(tmp_path)]
     proc = start_cls(*args)
     wait_for_epochs(tmp_path, 1, proc)
-    time.sleep(1.0)  # into epoch 2's steps
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM
@@ -126,9 +121,10 @@ def test_sigterm_mid_epoch_leaves_a_loadable_checkpoint_and_a_consistent_csv(tmp
     assert summary_row(tmp_path).status == "incomplete"
     assert not list(tmp_path.glob("*_model.pth"))
 
-    r = run_cls(*args, "--resume")
-    assert r.returncode == 0, r.stderr
-    assert_same_but_seconds(statistics(tmp_path), statistics(uninterrupted))
+    status, _, err = run_cls_here(capsys, *args, "--resume")
+    assert status == 0, err
+    assert_same_but_seconds(statistics(tmp_path), statistics(uninterrupted.results))
+    pd.testing.assert_frame_equal(layers(tmp_path), layers(uninterrupted.results), check_exact=True)
 
 
 def test_a_diverging_run_stops_and_is_marked_diverged(tmp_path, data, capsys):
@@ -144,11 +140,15 @@ def test_a_diverging_run_stops_and_is_marked_diverged(tmp_path, data, capsys):
 
 
 def test_rerunning_a_finished_configuration_does_not_clobber_it(tmp_path, data, uninterrupted, capsys):
-    shutil.copytree(uninterrupted, tmp_path, dirs_exist_ok=True)
+    shutil.copytree(uninterrupted.results, tmp_path, dirs_exist_ok=True)
     args = ["--data_path", str(data), *RUN, "--results_dir", str(tmp_path)]
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert not any(name.endswith("_checkpoint.pth") for name in before)  # dropped when it finished
     status, _, err = run_cls_here(capsys, *args)
     assert status == 1 and "--resume" in err and len(err.strip().splitlines()) == 1
     status, out, _ = run_cls_here(capsys, *args, "--resume")
     assert status == 0 and "already finished" in out
+    for flag, value in (("--epochs", "5"), ("--lr", "0.01"), ("--optimizer", "adam"), ("--width", "16")):
+        status, out, err = run_cls_here(capsys, *args, "--resume", flag, value)  # refused, as for an unfinished run
+        assert status == 1 and flag in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before

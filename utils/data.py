@@ -1,0 +1,324 @@
+"""The datasets: CIFAR read into device-resident loaders, synthetic images, and ImageNet class folders."""
+import itertools
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader, DistributedSampler, Subset
+
+from utils.cli import UserError, flag_error
+
+
+@dataclass(frozen=True)
+class CifarFiles:
+    folder: str
+    url: str
+    md5: str
+    label_key: str
+    train: tuple
+    test: tuple
+
+
+@dataclass(frozen=True)
+class Dataset:
+    label: str  # in tables and plots
+    image_size: int
+    mean_std: tuple  # per-channel mean and std of the training set, on the 0-1 scale
+    default_path: Optional[str]
+    num_classes: Optional[int] = None  # None: one class per folder of train/
+    files: Optional[CifarFiles] = None  # the official python batches, for CIFAR
+
+
+CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
+DATASETS = {  # the keys are cls.py's --data_name choices
+    "cifar10": Dataset("CIFAR10", 32, CIFAR10_STATS, "data", 10, CifarFiles(
+        "cifar-10-batches-py", "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+        "c58f30108f718f92721af3b95e74349a", "labels", tuple(f"data_batch_{i}" for i in range(1, 6)), ("test_batch",))),
+    "cifar100": Dataset("CIFAR100", 32, ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)), "data", 100, CifarFiles(
+        "cifar-100-python", "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+        "eb9058c3a382ffc7106e4002c42a8d85", "fine_labels", ("train",), ("test",))),
+    "imagenet": Dataset("ImageNet", 224, ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+                        "/home/data/imagenet/ILSVRC2012"),
+    # Random images with CIFAR-10's shape, like pytorch/examples' --dummy: for speed, not accuracy.
+    "synthetic": Dataset("synthetic", 32, CIFAR10_STATS, None, 10),
+}
+# Evaluation never depends on the batch (BN uses running stats there), so it runs large whatever --batch_size is.
+EVAL_BATCH_SIZE = 500
+
+
+@dataclass
+class Data:
+    """This rank's train and test loaders. Each yields (images (B, 3, H, W) float, labels (B,)) and has
+    set_epoch(epoch, start_step), num_images and init_batch(n)."""
+    train: object
+    test: object
+    num_classes: int
+    train_images: int  # in the whole training split, all ranks together, after --subset
+
+
+def resolve_path(data_name: str, path: Optional[str]) -> Optional[str]:
+    """--data_path as it is used: the dataset's default when none is given, and for CIFAR the folder above
+    cifar-10-batches-py/ (or cifar-100-python/) when that folder itself is named. Refuses a file."""
+    spec = DATASETS[data_name]
+    root = Path(path or spec.default_path or ".")
+    if root.is_file():
+        holds = f"{spec.files.folder}/" if spec.files else "train/ and val/"
+        raise UserError(f"--data_path {root} is a file; give the folder that holds {holds}")
+    if spec.files and root.name == spec.files.folder and root.is_dir():
+        root = root.parent
+    return None if spec.default_path is None and path is None else str(root)
+
+
+def fixed_sample(total: int, n: int) -> torch.Tensor:
+    """The indices of a fixed random n of `total` items, the same for every --seed: not the first n, since a
+    split may be sorted by class (copies rebuilt from class folders are)."""
+    return torch.randperm(total, generator=torch.Generator().manual_seed(0))[:n]
+
+
+def sample(images: torch.Tensor, labels: torch.Tensor, n: int) -> tuple:
+    keep = fixed_sample(len(labels), n)
+    return images[keep], labels[keep]
+
+
+def check_sizes(args, train_images: int, world: int) -> None:
+    """The limits the data puts on --subset and --batch_size, as argparse would word them."""
+    if args.subset > train_images:
+        raise flag_error("--subset", f"must be at most {train_images}, the training images of {args.data_name}, "
+                                     f"got {args.subset}")
+    per_process = -(-(args.subset or train_images) // world)
+    if args.batch_size > per_process:
+        raise flag_error("--batch_size", f"must be at most {per_process}, the training images per process, "
+                                         f"got {args.batch_size}")
+
+
+def build_loaders(args, ctx) -> Data:
+    """The loaders for args.data_name, cut to --subset, for this rank of ctx."""
+    if args.data_name == "imagenet":
+        return imagenet_data(args, ctx)
+    spec = DATASETS[args.data_name]
+    with ctx.main_first():  # rank 0 downloads, if the files are not there
+        splits = synthetic_splits() if args.data_name == "synthetic" else load_cifar(args.data_path, args.data_name)
+    check_sizes(args, len(splits["train"][1]), ctx.world)
+    if args.subset:  # the whole test split where it has fewer
+        splits = {split: sample(*pair, min(args.subset, len(pair[1]))) for split, pair in splits.items()}
+    kwargs = dict(mean_std=spec.mean_std, device=ctx.device, rank=ctx.rank, world=ctx.world)
+    return Data(CifarLoader(*splits["train"], args.batch_size, train=True, seed=args.seed, **kwargs),
+                CifarLoader(*splits["test"], EVAL_BATCH_SIZE, train=False, **kwargs),
+                spec.num_classes, len(splits["train"][1]))
+
+
+# -----------------------------------------------------------------------------
+# CIFAR
+
+def _read_cifar_batch(path: Path, label_key: str) -> tuple:
+    """One official python batch -> uint8 images (N, 3, 32, 32) and int64 labels (N,)."""
+    if not path.is_file():
+        raise UserError(f"missing CIFAR batch {path}; delete {path.parent} to download it again, "
+                        f"or copy the official files there")
+    try:
+        with open(path, "rb") as f:
+            batch = pickle.load(f, encoding="latin1")
+        images = torch.from_numpy(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        labels = torch.as_tensor(batch[label_key], dtype=torch.int64)
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+    except Exception as e:  # any failure to decode this one file means the file is bad
+        raise UserError(f"corrupt or truncated CIFAR batch {path} ({type(e).__name__}: {e}); "
+                        f"delete {path.parent} to download it again") from None
+    return images, labels
+
+
+def load_cifar(root: str, data_name: str) -> dict:
+    """{'train': (images, labels), 'test': (images, labels)} from torchvision's root layout, as uint8 tensors.
+
+    We read the pickles ourselves: torchvision's CIFAR10 insists on the official md5 sums and hands out PIL
+    images one at a time, and the device-resident loader wants the whole split as one tensor.
+    """
+    spec, root = DATASETS[data_name], Path(root)
+    files = spec.files
+    if not (root / files.folder).is_dir():
+        # torchvision is imported where it is used: it costs seconds of imports (it loads torch._dynamo),
+        # which a CIFAR run spends only to download.
+        from torchvision.datasets.utils import download_and_extract_archive
+        try:
+            download_and_extract_archive(files.url, str(root), md5=files.md5)
+        except Exception as e:  # URLError, HTTPError, a bad archive: all mean "put the files there yourself"
+            raise UserError(f"cannot download {files.url} ({e}); put {files.folder}/ in {root} "
+                            f"and run again") from None
+    splits = {}
+    for split in ("train", "test"):
+        parts = [_read_cifar_batch(root / files.folder / name, files.label_key) for name in getattr(files, split)]
+        images, labels = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        if labels.min() < 0 or labels.max() >= spec.num_classes:
+            raise UserError(f"{root / files.folder}: labels outside 0..{spec.num_classes - 1}")
+        splits[split] = (images, labels)
+    return splits
+
+
+def synthetic_splits(n_train: int = 50_000, n_test: int = 10_000, num_classes: int = 10) -> dict:
+    """Random uint8 images with CIFAR's shape."""
+    gen = torch.Generator().manual_seed(0)
+    return {split: (torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=gen),
+                    torch.randint(0, num_classes, (n,), generator=gen))
+            for split, n in (("train", n_train), ("test", n_test))}
+
+
+class CifarLoader:
+    """Batches from a uint8 split held on the training device, augmented and normalized there in one go.
+
+    This replaces Dataset + DataLoader: per-image PIL transforms in worker processes cannot feed a GPU at
+    small batch sizes, while the whole of CIFAR-10 is 150 MB of uint8. Augmentation is torchvision's
+    RandomCrop(32, padding=4) with zero fill and RandomHorizontalFlip, drawn per image. The padded images
+    are kept beside their mirror images, so a batch is a single gather from a view of every crop of every
+    image. (A crop of the mirror at column offset c is the mirror of the crop at 2 pad - c, so with
+    uniform offsets the distribution is exactly torchvision's.)
+
+    A train epoch is a fresh permutation, so every image is seen once, and the last partial batch is kept.
+    The permutation and every image's crop and flip are drawn up front from (seed, epoch) alone, so a run
+    resumed mid-epoch replays them, and they do not depend on the number of processes. Under DDP, rank r of
+    `world` takes positions r, r + world, ... of the permutation, wrapped around to a multiple of `world` as
+    DistributedSampler pads, so every rank runs the same number of steps and the union of the ranks' k-th
+    batches is the k-th batch of one process with `world` times the batch. Evaluation shards without padding.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, mean_std: tuple,
+                 train: bool, device: torch.device, seed: int = 0, rank: int = 0, world: int = 1):
+        self.pad = 4 if train else 0
+        padded = F.pad(images, (self.pad,) * 4)  # (N, 3, 32 + 2 pad, 32 + 2 pad) uint8
+        images = torch.cat([padded, padded.flip(3)]) if train else padded
+        self.windows = images.to(device).unfold(2, 32, 1).unfold(3, 32, 1)  # (rows, 3, 2p + 1, 2p + 1, 32, 32)
+        self.labels = labels.to(device)
+        self.batch_size, self.train, self.seed, self.rank, self.world = batch_size, train, seed, rank, world
+        self.epoch, self.start_step = 0, 0
+        mean, std = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in mean_std)
+        self.scale, self.shift = 1 / (255 * std), -mean / std  # (x / 255 - mean) / std as one addcmul
+        n = len(labels)
+        self.num_images = -(-n // world) if train else len(range(rank, n, world))  # this rank's share
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self.epoch, self.start_step = epoch, start_step
+
+    def __len__(self) -> int:
+        return -(-self.num_images // self.batch_size)
+
+    def _plan(self, epoch: int, rank: int, world: int) -> tuple:
+        """Rank's image indices for the epoch (M,), and the rows, tops and lefts of their crops. Drawn on the
+        CPU, so that they are the same whatever the device (a run may resume on another)."""
+        n, device = len(self.labels), self.labels.device
+        if not self.train:
+            image = torch.arange(rank, n, world, device=device)
+            return image, image, torch.zeros_like(image), torch.zeros_like(image)
+        gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        order = torch.randperm(n, generator=gen)
+        top, left = torch.randint(0, 2 * self.pad + 1, (2, n), generator=gen)
+        flip = torch.rand(n, generator=gen) < 0.5
+        mine = torch.arange(rank, -(-n // world) * world, world) % n
+        image = order[mine]
+        return tuple(t.to(device) for t in (image, image + n * flip[mine], top[mine], left[mine]))
+
+    def _images(self, row: torch.Tensor, top: torch.Tensor, left: torch.Tensor) -> torch.Tensor:
+        x = self.windows[row, :, top, left]  # (B, 3, 32, 32) uint8
+        return torch.addcmul(self.shift, x.float(), self.scale)
+
+    def __iter__(self):
+        image, row, top, left = self._plan(self.epoch, self.rank, self.world)
+        for step in range(self.start_step, len(self)):
+            batch = slice(step * self.batch_size, (step + 1) * self.batch_size)
+            yield self._images(row[batch], top[batch], left[batch]), self.labels[image[batch]]
+
+    def init_batch(self, n: int) -> tuple:
+        """The first n images of epoch 0 as a single process draws them, and their labels: the same on every
+        rank, and never a training step, since training starts at epoch 1."""
+        image, row, top, left = self._plan(0, 0, 1)
+        return self._images(row[:n], top[:n], left[:n]), self.labels[image[:n]]
+
+
+# -----------------------------------------------------------------------------
+# ImageNet
+
+class UnreadableImage(UserError):
+    """An image file that PIL cannot read. A DataLoader worker's exception comes back to the main process
+    as exc_type(the worker's formatted traceback) (torch/_utils.py, ExceptionWrapper.reraise), so only its
+    last line, the message read_image wrote, is kept."""
+
+    def __init__(self, message: str):
+        super().__init__(message.strip().splitlines()[-1].split(f"{type(self).__name__}: ", 1)[-1])
+
+
+def read_image(path: str) -> Image.Image:
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except Exception as e:  # OSError, PIL's UnidentifiedImageError and DecompressionBombError alike
+        raise UnreadableImage(f"cannot read image {path} ({type(e).__name__}); delete or replace it") from None
+
+
+def imagenet_data(args, ctx) -> Data:
+    """ImageFolder train/ and val/ under --data_path, cut to --subset, sharded over the ranks, read by
+    DataLoader workers. The head gets one class per folder of train/, and val/ must have the same folders."""
+    from torchvision import datasets, transforms  # see load_cifar
+    root = Path(args.data_path)
+    for split in ("train", "val"):
+        if not (root / split).is_dir():
+            raise UserError(f"{root / split} is not a folder; --data_path must hold ImageNet's train/ and val/ "
+                            f"as ImageFolder class folders")
+    normalize = transforms.Normalize(*DATASETS["imagenet"].mean_std)
+    train_tf = transforms.Compose([transforms.RandomResizedCrop(224), transforms.RandomHorizontalFlip(),
+                                   transforms.ToTensor(), normalize])
+    eval_tf = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(), normalize])
+    try:
+        train_set = datasets.ImageFolder(str(root / "train"), train_tf, loader=read_image)
+        val_set = datasets.ImageFolder(str(root / "val"), eval_tf, loader=read_image)
+    except (FileNotFoundError, OSError) as e:  # ImageFolder raises these for a folder with no class images
+        raise UserError(f"cannot read ImageNet under {root}: {e}") from None
+    if train_set.classes != val_set.classes:
+        only = {s: sorted(set(a.classes) - set(b.classes)) for s, a, b in
+                (("train/", train_set, val_set), ("val/", val_set, train_set))}
+        raise UserError(f"{root}: train/ and val/ have different class folders (only in train/: "
+                        f"{only['train/'][:5] or 'none'}; only in val/: {only['val/'][:5] or 'none'}); "
+                        f"give both the same classes")
+    check_sizes(args, len(train_set), ctx.world)
+    num_classes, n_train = len(train_set.classes), args.subset or len(train_set)
+    if args.subset:
+        train_set = Subset(train_set, fixed_sample(len(train_set), n_train).tolist())
+        val_set = Subset(val_set, fixed_sample(len(val_set), min(args.subset, len(val_set))).tolist())
+    kwargs = dict(num_workers=args.workers, pin_memory=ctx.device.type == "cuda", persistent_workers=args.workers > 0)
+    sampler = ResumableSampler(train_set, num_replicas=ctx.world, rank=ctx.rank, shuffle=True, seed=args.seed)
+    val_shard = Subset(val_set, range(ctx.rank, len(val_set), ctx.world))  # no padding: every image counted once
+    return Data(EpochLoader(train_set, args.batch_size, sampler=sampler, **kwargs),
+                EpochLoader(val_shard, EVAL_BATCH_SIZE, **kwargs), num_classes, n_train)
+
+
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler that can start an epoch part-way, for a run resumed mid-epoch."""
+    start_index = 0
+
+    def __iter__(self):
+        return itertools.islice(super().__iter__(), self.start_index, None)
+
+    def __len__(self) -> int:  # 0 for a run stopped after an epoch's last batch
+        return max(0, self.num_samples - self.start_index)
+
+
+class EpochLoader(DataLoader):
+    """A DataLoader with CifarLoader's set_epoch, num_images and init_batch, so the loop treats both alike."""
+
+    @property
+    def num_images(self) -> int:
+        return getattr(self.sampler, "num_samples", len(self.dataset))
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        if isinstance(self.sampler, ResumableSampler):
+            self.sampler.set_epoch(epoch)
+            self.sampler.start_index = start_step * self.batch_size
+
+    def init_batch(self, n: int) -> tuple:
+        """As CifarLoader.init_batch: the first n images of epoch 0 in a single process's order."""
+        order = DistributedSampler(self.dataset, num_replicas=1, rank=0, shuffle=True, seed=self.sampler.seed)
+        images, labels = zip(*(self.dataset[i] for i in itertools.islice(order, n)))
+        return torch.stack(images), torch.tensor(labels)

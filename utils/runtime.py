@@ -1,0 +1,133 @@
+"""Processes, devices, autocast, signals and RNG states: what a run sets up before it touches data."""
+import os
+import random
+import signal
+import sys
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from utils.cli import UserError
+
+
+@dataclass
+class Context:
+    """This process's place in the run. Every file and every print goes through is_main (rank 0)."""
+    rank: int
+    world: int
+    device: torch.device
+    autocast: object  # a context manager: bf16 autocast on CUDA, else a nullcontext
+    memory_format: torch.memory_format
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def all_sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            dist.all_reduce(t)
+        return t
+
+    def to_device(self, x: torch.Tensor, y: torch.Tensor) -> tuple:
+        """A batch on the training device, images in its memory format."""
+        return (x.to(self.device, non_blocking=True, memory_format=self.memory_format),
+                y.to(self.device, non_blocking=True))
+
+    @contextmanager
+    def main_first(self):
+        """Rank 0 runs the block before the others, e.g. to download a dataset the others then read."""
+        if self.world > 1 and not self.is_main:
+            dist.barrier()
+        yield
+        if self.world > 1 and self.is_main:
+            dist.barrier()
+
+    def log(self, *message) -> None:
+        if self.is_main:
+            print(*message, flush=True)
+
+    @property
+    def device_name(self) -> str:
+        return torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+
+
+def pick_device(name, local_rank: int, quiet: bool) -> torch.device:
+    if name is None:
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank)
+        if not quiet:
+            print("notice: no CUDA device found, training on the CPU", file=sys.stderr)
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name} is not a device name; use e.g. cuda, cuda:0 or cpu") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name} asked for CUDA, but torch sees no CUDA device; use --device cpu")
+    return torch.device("cuda", local_rank) if device.type == "cuda" and device.index is None else device
+
+
+def process_place() -> tuple:
+    """(rank, world size, local rank) of this process: torchrun's, or a single process's."""
+    return tuple(int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
+
+
+def setup(args) -> Context:
+    """One process, or one of torchrun's: NCCL between GPUs, gloo between CPU processes."""
+    rank, world, local_rank = process_place()
+    device = pick_device(args.device, local_rank, quiet=rank != 0)
+    on_cuda = device.type == "cuda"
+    if on_cuda:
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True
+    if world > 1 and not dist.is_initialized():  # sweep.py runs several configurations in one process
+        dist.init_process_group("nccl" if on_cuda else "gloo")
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda and args.bf16 else nullcontext()
+    return Context(rank, world, device, autocast, torch.channels_last if on_cuda else torch.contiguous_format)
+
+
+class Diverged(Exception):
+    """A NaN or infinite loss."""
+
+
+class Interrupted(Exception):
+    """Raised at the loop's first safe point after a StopSignal caught a signal."""
+
+
+class StopSignal:
+    """Within `with StopSignal() as stop:`, SIGINT and SIGTERM set stop.signum, which the loop polls after a
+    step, its safe point. A second signal of the same kind acts at once, as usual. The handlers before it
+    come back at the end, for callers that run several configurations in one process."""
+
+    def __enter__(self):
+        self.signum = 0
+        self.previous = {s: signal.signal(s, self._catch) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc_info):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def _catch(self, signum, frame):
+        self.signum = signum
+        signal.signal(signum, signal.SIG_DFL)
+
+
+def rng_states() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_states(states: dict) -> None:
+    """From a checkpoint loaded onto any device: torch takes its RNG states as CPU tensors only."""
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"].cpu())
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([state.cpu() for state in states["cuda"]])
