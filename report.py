@@ -69,10 +69,13 @@ def accuracy(row: pd.Series, column: str) -> str:
 
 
 def recipe(row: pd.Series) -> str:
+    """How the run was made, beside its numbers; a subset or a narrower net said out loud."""
     if pd.isna(row.optimizer):
         return "-"
-    return (f"{row.optimizer} lr {row.lr:g} wd {row.weight_decay:g}, {row.lr_schedule}, warmup {row.warmup_epochs:g}, "
+    text = (f"{row.optimizer} lr {row.lr:g} wd {row.weight_decay:g}, {row.lr_schedule}, warmup {row.warmup_epochs:g}, "
             f"seed {row.seed:g}")
+    smoke = [f"{name} {row[name]:g}" for name, full in (("subset", 0), ("width", 64)) if row[name] != full]
+    return ", ".join([text, *(f"**{s}**" for s in smoke)])
 
 
 def table(df: pd.DataFrame, left_out: int, min_epochs: int) -> str:

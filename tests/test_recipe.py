@@ -26,8 +26,8 @@ def decays(optimizer) -> dict:
 
 
 @pytest.mark.parametrize("norm", list(NORMS))
-@pytest.mark.parametrize("flags,kind,decay", [([], torch.optim.AdamW, 0.05),
-                                              (["--optimizer", "adam", "--weight_decay", "5e-4"], torch.optim.Adam, 5e-4)])
+@pytest.mark.parametrize("flags,kind,decay", [
+    ([], torch.optim.AdamW, 0.05), (["--optimizer", "adam", "--weight_decay", "5e-4"], torch.optim.Adam, 5e-4)])
 def test_weight_decay_goes_to_conv_and_linear_weights_only(norm, flags, kind, decay):
     model = build_model("resnet18", norm, 10, width=8)
     optimizer = cls.make_optimizer(model, args_of(*flags), torch.device("cpu"))
@@ -110,15 +110,16 @@ def test_one_epoch_trains_at_the_full_rate_and_the_warmup_is_recorded_as_used(tm
                                   "--warmup_epochs", "0", "--results_dir", str(tmp_path / "a"))
     assert status == 0, err
     assert pd.read_csv(next((tmp_path / "a").glob("*_statistics.csv"))).lr.tolist() == [1e-3]
-    status, _, err = run_cls_here(capsys, "--data_path", str(data), "--epochs", "1", "--results_dir", str(tmp_path / "b"))
+    status, _, err = run_cls_here(capsys, "--data_path", str(data), "--epochs", "1",
+                                  "--results_dir", str(tmp_path / "b"))
     assert status == 0, err
     assert json.loads(next((tmp_path / "b").glob("*_args.json")).read_text())["warmup_epochs"] == 0.5
     assert pd.read_csv(tmp_path / "b" / "summary.csv").warmup_epochs.tolist() == [0.5]
 
 
-@pytest.mark.parametrize("device,world,batch,mode", [("cuda", 1, 1, "reduce-overhead"), ("cuda", 1, 32, "reduce-overhead"),
-                                                      ("cuda", 1, 512, "reduce-overhead"), ("cuda", 2, 32, "off"),
-                                                      ("cpu", 1, 1, "off"), ("cpu", 1, 512, "off")])
+@pytest.mark.parametrize("device,world,batch,mode", [
+    ("cuda", 1, 1, "reduce-overhead"), ("cuda", 1, 32, "reduce-overhead"), ("cuda", 1, 512, "reduce-overhead"),
+    ("cuda", 2, 32, "off"), ("cpu", 1, 1, "off"), ("cpu", 1, 512, "off")])
 def test_compile_policy(device, world, batch, mode):
     # CUDA graphs on one GPU at every batch size (issue 12); eager on the CPU and under DDP
     assert cls.compile_mode(args_of("--batch_size", str(batch)), torch.device(device), world) == mode

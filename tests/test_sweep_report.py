@@ -76,8 +76,9 @@ def parallel(tmp_path_factory, data):
     wait_until(lambda: len(summary_of(results)) == 2, first)  # both have finished an epoch
     first.send_signal(signal.SIGINT)
     out, err = first.communicate(timeout=120)
+    checkpoints = [torch.load(results / f"{name}_checkpoint.pth", weights_only=False) for name in names]
     stopped = SimpleNamespace(code=first.returncode, out=out, err=err, summary=summary_of(results),
-                              checkpoints=[torch.load(results / f"{n}_checkpoint.pth", weights_only=False) for n in names])
+                              checkpoints=checkpoints)
     second = sweep(*args)
     out, err = second.communicate(timeout=300)
     finished = SimpleNamespace(code=second.returncode, out=out, err=err, summary=summary_of(results),
@@ -152,7 +153,7 @@ def test_report_table_equals_the_csvs_and_the_plots_are_pngs(swept):
         assert cells[4] == f"{run.params_m:.2f}" and cells[5] == human(run.flops)
         assert float(cells[6]) == pytest.approx(run.best_top1, abs=0.005)
         assert float(cells[7]) == pytest.approx(run.best_top5, abs=0.005)
-        assert cells[10:] == ["2 / 90", "adamw lr 0.001 wd 0.05, cosine, warmup 1, seed 0", "cpu"]
+        assert cells[10:] == ["2 / 90", "adamw lr 0.001 wd 0.05, cosine, warmup 1, seed 0, **width 8**", "cpu"]
     pictures = {folder: list((results / folder).glob("*.png")) for folder in ("curves", "layers", "signal")}
     assert (len(pictures["curves"]), len(pictures["layers"]), len(pictures["signal"])) == (4, 4, 2)
     for path in [results / "top1_vs_batch_size.png", *sum(pictures.values(), [])]:
@@ -177,7 +178,9 @@ def test_report_leaves_smoke_runs_out_of_the_table_and_says_how_many(tmp_path):
     assert [(r[2], r[3]) for r in table_rows(text)] == [("IN", "32")]
     assert "Left out: 3 run(s)" in text and "--all" in text
     report.main(["--results_dir", str(tmp_path), "--all"])
-    assert len(table_rows((tmp_path / "results.md").read_text())) == 4
+    rows = table_rows((tmp_path / "results.md").read_text())
+    assert len(rows) == 4  # and the table says which are smoke runs
+    assert sum("**subset 512**" in r[11] for r in rows) == 1 and sum("**width 8**" in r[11] for r in rows) == 1
 
 
 def test_report_puts_the_originals_numbers_beside_ours(tmp_path):
