@@ -116,8 +116,8 @@ def no_norm(channels: int) -> nn.Identity:
 
 def group_norm(channels: int, groups: int = 32) -> nn.GroupNorm:
     # 32 groups, as in Wu & He 2018: ResNet-50 on ImageNet at 24.1% error for every batch from 32 down to 2.
-    # Every layer of the real widths has a multiple of 32 channels; the narrow test nets (--width 8) get fewer
-    # groups, as many as divide their channels.
+    # Every layer of the real widths has a multiple of 32 channels; a narrow net (--width 8) gets 32 halved
+    # until it divides its channels.
     while channels % groups:
         groups //= 2
     return nn.GroupNorm(groups, channels)
