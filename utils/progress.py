@@ -63,8 +63,8 @@ class EpochProgress:
     log file keeps as one endless line, and it prints on a clock, not at fractions. update(images, loss,
     top1) after every step that synced with the host; nothing at all when disabled."""
 
-    def __init__(self, epoch: int, epochs: int, total: int, done: int, enabled: bool, stream=None):
-        self.stream = stream or sys.stdout
+    def __init__(self, epoch: int, epochs: int, total: int, done: int, enabled: bool):
+        self.stream = sys.stdout
         self.enabled, self.epoch, self.epochs, self.total = enabled, epoch, epochs, total
         self.start_images, self.start_time = done, time.time()
         self.last_line_images, self.last_line_time = done, self.start_time
@@ -84,10 +84,10 @@ class EpochProgress:
         if (images - self.last_line_images >= LOG_EVERY_FRACTION * self.total
                 or now - self.last_line_time >= LOG_EVERY_SECONDS):
             rate = (images - self.start_images) / max(now - self.start_time, 1e-9)
-            eta = (self.total - images) / rate if rate > 0 else float("nan")
+            eta = duration((self.total - images) / rate) if rate > 0 else "?"
             print(f"epoch {self.epoch}/{self.epochs} {100 * images / self.total:3.0f}% "
                   f"({images}/{self.total} images): {rate:.1f} images/s, loss {loss:.4f}, top-1 {top1:.2f}%, "
-                  f"epoch ETA {duration(eta) if eta == eta else '?'}", file=self.stream, flush=True)
+                  f"epoch ETA {eta}", file=self.stream, flush=True)
             self.last_line_images, self.last_line_time = images, now
 
     def close(self) -> None:
