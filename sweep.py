@@ -53,6 +53,11 @@ class Config:
     def name(self) -> str:
         return run_name(self.args)
 
+    @property
+    def files(self) -> RunFiles:
+        """Its files, to read: this process writes none of them."""
+        return RunFiles(self.args.results_dir, vars(self.args), enabled=False)
+
 
 def parse(argv=None) -> tuple:
     """([Config], --jobs). Bad flags stop the sweep here, before any run."""
@@ -100,7 +105,7 @@ def done(config: Config) -> bool:
     """Whether the run is finished or diverged, as cls.py would find it, without a process to start: refuses,
     as cls.py does, a changed flag that defines the run."""
     run_args = {**vars(config.args), "world_size": 1}
-    status = RunFiles(config.args.results_dir, run_args, enabled=False).check_resume(run_args, cls.RESUMABLE_CHANGES)
+    status = config.files.check_resume(run_args, cls.RESUMABLE_CHANGES)
     if status in DONE:
         print(f"{config.name} is already {status} in {config.args.results_dir}; nothing to do", flush=True)
     return status in DONE
@@ -179,10 +184,10 @@ def in_parallel(configs: list, jobs: int) -> None:
 def outcome(child: Child, stopping: bool) -> str:
     """What a child's exit means: its run finished or diverged (a result either way), it stopped on the signal
     the sweep forwarded, or it failed (an error, or killed by something else: the OOM killer, a crash)."""
-    code, args = child.proc.returncode, child.config.args
+    code = child.proc.returncode
     if stopping and (code < 0 or code >= 128):
         return "stopped"
-    status = RunFiles(args.results_dir, vars(args), enabled=False).status()
+    status = child.config.files.status()
     return status if code == 0 or (code == 1 and status == "diverged") else "failed"
 
 
