@@ -101,9 +101,16 @@ def parse_args(argv=None, parser=None) -> argparse.Namespace:
     return args
 
 
-# Flags a resumed run may change; any other must match the run's args.json, or its CSV would mix two recipes.
+# Flags a resumed run may change: where and how it runs, never what it trains. Every other flag defines the
+# run: it names the run's files, and a resume must match it, or one CSV would mix two recipes.
 RESUMABLE_CHANGES = {"resume", "device", "workers", "data_path", "results_dir", "compile", "keep_checkpoint",
                      "layer_stats"}
+
+
+def defining_flags(parser: argparse.ArgumentParser) -> list:
+    """The flags that define a run, in the parser's order: all of them but RESUMABLE_CHANGES."""
+    return [a.dest for a in parser._actions if a.dest not in RESUMABLE_CHANGES and a.dest != "help"]
+DEFINING_FLAGS = defining_flags(make_parser())
 PROBE_IMAGES = 128  # the layer statistics' fixed batch
 SYNC_EVERY = 25  # steps between the host syncs that look for NaN and signals, at most; 10 per epoch at least
 
