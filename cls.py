@@ -22,6 +22,7 @@ if __name__ == "__main__":
 
 import argparse
 import math
+import shlex
 import signal
 import sys
 import time
@@ -33,13 +34,13 @@ import torch.nn.functional as F
 
 from model import MODELS, NORMS, blocks, build_model, count_params_flops, weight_layers
 from utils import runtime
-from utils.cli import (ArgumentParser, RunDiverged, UserError, auto_or_natural_float, flag_error, natural_float,
-                       natural_int, positive_float, positive_int, run_cli)
+from utils.cli import (ArgumentParser, RunDiverged, UserError, at_least, auto_or_natural_float, flag_error,
+                       natural_float, natural_int, positive_float, positive_int, run_cli)
 from utils.data import DATASETS, build_loaders, resolve_path
 from utils.layerstats import LayerStats
 from utils.metrics import human, topk_correct
 from utils.progress import EpochProgress, Progress
-from utils.runfiles import DONE, Journal, RunFiles
+from utils.runfiles import DONE, EpochRow, RunRecord, provenance, run_name
 
 
 # -----------------------------------------------------------------------------
@@ -71,8 +72,9 @@ def make_parser() -> ArgumentParser:
     p.add_argument("--seed", default=0, type=int, help="seeds the weights, the data order and the augmentation")
     p.add_argument("--width", default=64, type=positive_int, help="channels of the stem, doubled every stage; "
                                                                    "the papers' 64, or less for quick tests")
-    p.add_argument("--init_images", default=512, type=positive_int,
-                   help="wn, wn_mbn: training images in the data-dependent init's one batch")
+    p.add_argument("--init_images", default=None, type=at_least(2),
+                   help="wn, wn_mbn: training images in the data-dependent init's one batch, at least 2 "
+                        "(default: 512, or every training image where there are fewer; recorded as used)")
     p.add_argument("--wn_residual_scale", default="auto", type=auto_or_natural_float,
                    help="wn, wn_mbn: after the init, scale the last layer of every residual branch by this; "
                         "auto: 1/(blocks in its stage)")
@@ -95,7 +97,9 @@ def make_parser() -> ArgumentParser:
 
 
 def parse_args(argv=None, parser=None) -> argparse.Namespace:
+    """The flags, and args.name, the run's name, from the flags as given; then the adjustments, recorded as used."""
     args = (parser or make_parser()).parse_args(argv)
+    args.name = run_name({k: getattr(args, k) for k in DEFAULTS}, DEFAULTS)
     args.data_path = resolve_path(args.data_name, args.data_path)
     args.warmup_epochs = min(args.warmup_epochs, args.epochs / 2)
     return args
@@ -111,6 +115,8 @@ def defining_flags(parser: argparse.ArgumentParser) -> list:
     """The flags that define a run, in the parser's order: all of them but RESUMABLE_CHANGES."""
     return [a.dest for a in parser._actions if a.dest not in RESUMABLE_CHANGES and a.dest != "help"]
 DEFINING_FLAGS = defining_flags(make_parser())
+DEFAULTS = {k: v for k, v in vars(make_parser().parse_args([])).items() if k in DEFINING_FLAGS}
+INIT_IMAGES = 512  # --init_images when not given, or every training image where there are fewer
 PROBE_IMAGES = 128  # the layer statistics' fixed batch
 SYNC_EVERY = 25  # steps between the host syncs that look for NaN and signals, at most; 10 per epoch at least
 
@@ -222,8 +228,8 @@ def compile_mode(args, device: torch.device, world: int = 1) -> str:
 
 @dataclass
 class Run:
-    """What a run trains and saves. train_model is model as the train step calls it, wrapped for DDP and
-    compiled where asked; evaluation, the layer statistics and the checkpoints use model itself."""
+    """What a run trains. train_model is model as the train step calls it, wrapped for DDP and compiled where
+    asked; evaluation, the layer statistics and the checkpoints use model itself."""
     model: nn.Module
     train_model: nn.Module
     optimizer: torch.optim.Optimizer
@@ -231,41 +237,39 @@ class Run:
     layer_stats: LayerStats
     params: int
     flops: int
+    init_images: int  # the data-dependent init's batch, as used (0 for norms without one)
 
-    def state_dict(self) -> dict:
-        return {name: getattr(self, name).state_dict() for name in ("model", "optimizer", "scheduler", "layer_stats")}
+    def state(self, progress: Progress, ctx: runtime.Context) -> dict:
+        """Everything a resume needs besides the record's history: collective under DDP."""
+        return {**{name: getattr(self, name).state_dict() for name in ("model", "optimizer", "scheduler",
+                                                                       "layer_stats")},
+                "progress": progress.state_dict(ctx), "rng": runtime.rng_states()}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load(self, state: dict, ctx: runtime.Context) -> Progress:
+        """The run and the RNGs as a checkpoint's state left them; returns where training stood."""
         for name in ("model", "optimizer", "scheduler", "layer_stats"):
             getattr(self, name).load_state_dict(state[name])
+        runtime.set_rng_states(state["rng"])
+        progress = Progress.from_state(state["progress"], ctx)
+        ctx.log(f"resuming at epoch {progress.epoch}, step {progress.step}")
+        return progress
 
 
-def checkpoint(run: Run, progress: Progress, ctx: runtime.Context) -> dict:
-    """What a resume needs besides the run's record (runfiles.Journal adds that): collective under DDP."""
-    return {**run.state_dict(), "progress": progress.state_dict(ctx), "rng": runtime.rng_states()}
-
-
-def restore(run: Run, saved: dict, ctx: runtime.Context) -> Progress:
-    """The run and the RNGs as a checkpoint left them, and where training stood."""
-    run.load_state_dict(saved)
-    runtime.set_rng_states(saved["rng"])
-    progress = Progress.from_state(saved["progress"], ctx)
-    ctx.log(f"resuming at epoch {progress.epoch}, step {progress.step}")
-    return progress
-
-
-def initialize(norm, model: nn.Module, args, data, ctx: runtime.Context) -> None:
-    """The norm's own init (WN's data-dependent one) on one batch of --init_images training images."""
-    if args.init_images > data.train_images:
-        raise flag_error("--init_images", f"must be at most {data.train_images}, the training images, "
-                                          f"got {args.init_images}")
+def initialize(norm, model: nn.Module, args, data, ctx: runtime.Context) -> int:
+    """The norm's own init (WN's data-dependent one) on one batch of training images; returns its size."""
+    n = args.init_images or min(INIT_IMAGES, data.train_images)
+    if n > data.train_images:
+        raise flag_error("--init_images", f"must be at most {data.train_images}, the training images, got {n}")
     try:
-        norm.init(model, data.train.init_batch(args.init_images)[0].to(ctx.device), args.wn_residual_scale)
+        norm.init(model, data.train.init_batch(n)[0].to(ctx.device), args.wn_residual_scale)
+    except ValueError as e:  # a channel with no spread on this batch: g = 1/std would be infinite
+        raise flag_error("--init_images", f"{e} on the init batch of {n} images; use more images") from None
     except RuntimeError as e:  # torch.OutOfMemoryError on CUDA; a plain RuntimeError from the CPU's allocator
         if not (isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e)):
             raise
-        raise flag_error("--init_images", f"{args.init_images} images do not fit in the memory of {ctx.device} "
-                                          f"in one batch; use fewer") from None
+        raise flag_error("--init_images", f"{n} images do not fit in the memory of {ctx.device} in one batch; "
+                                          f"use fewer") from None
+    return n
 
 
 def build(args, ctx: runtime.Context, data) -> Run:
@@ -274,8 +278,8 @@ def build(args, ctx: runtime.Context, data) -> Run:
                         cifar_stem=DATASETS[args.data_name].image_size == 32, width=args.width)
     params, flops = count_params_flops(model, DATASETS[args.data_name].image_size)
     model.to(ctx.device)
-    if norm.init:  # before DDP wraps the model, whose constructor hands every rank rank 0's values
-        initialize(norm, model, args, data, ctx)
+    # before DDP wraps the model, whose constructor hands every rank rank 0's values
+    init_images = initialize(norm, model, args, data, ctx) if norm.init else 0
     if args.sync_bn and ctx.world > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(ctx.device, memory_format=ctx.memory_format)
@@ -289,15 +293,16 @@ def build(args, ctx: runtime.Context, data) -> Run:
     optimizer = make_optimizer(model, args, ctx.device)
     probe = ctx.to_device(*data.train.init_batch(PROBE_IMAGES)) if args.layer_stats else None
     stats = LayerStats(model, weight_layers(model), blocks(model), probe, ctx.autocast)
-    return Run(model, train_model, optimizer, make_scheduler(optimizer, args, len(data.train)), stats, params, flops)
+    return Run(model, train_model, optimizer, make_scheduler(optimizer, args, len(data.train)), stats, params, flops,
+               init_images)
 
 
 # -----------------------------------------------------------------------------
 # the loop
 
-def run_epoch(run: Run, data, journal: Journal, progress: Progress, ctx: runtime.Context, stop: runtime.StopSignal,
-              args) -> Progress:
-    """Finish the epoch under way, evaluate it, and save it; returns the progress of the next epoch."""
+def run_epoch(run: Run, data, record: RunRecord, progress: Progress, ctx: runtime.Context,
+              stop: runtime.StopSignal, args) -> Progress:
+    """Finish the epoch under way, evaluate it, and record it; returns the progress of the next epoch."""
     epoch = progress.epoch
     data.train.set_epoch(epoch, progress.step)
     start = time.time()
@@ -308,65 +313,68 @@ def run_epoch(run: Run, data, journal: Journal, progress: Progress, ctx: runtime
     train = progress.totals(ctx)
     start = time.time()
     test = evaluate(run.model, data.test, ctx)
-    layer_rows = run.layer_stats.rows(epoch)
-    journal.epochs.append({"epoch": epoch, "lr": progress.lr, "train_loss": train.loss, "train_top1": train.top1,
-                           "test_loss": test["loss"], "test_top1": test["top1"], "test_top5": test["top5"],
-                           "seconds": progress.seconds + time.time() - start})
-    journal.layers.extend(layer_rows)
-    following, last = Progress.start(epoch + 1, run.optimizer, ctx.device), epoch == args.epochs
-    journal.save("finished" if last else "incomplete",
-                 None if last and not args.keep_checkpoint else checkpoint(run, following, ctx),
-                 run.model.state_dict() if last else None)
+    if not math.isfinite(test["loss"]):  # NaN logits still give a top-1: a number that is no result
+        raise runtime.Diverged(f"the test loss became {test['loss']} in epoch {epoch}")
+    row = EpochRow(epoch, progress.lr, train.loss, train.top1, test["loss"], test["top1"], test["top5"],
+                   progress.seconds + time.time() - start)
+    layer_rows, following = run.layer_stats.rows(epoch), Progress.start(epoch + 1, run.optimizer, ctx.device)
+    if epoch < args.epochs:
+        record.end_epoch(row, layer_rows, run.state(following, ctx))
+    else:
+        record.finish(row, layer_rows, run.model.state_dict(), run.state(following, ctx))
     ctx.log(f"epoch {epoch}/{args.epochs}: train loss {train.loss:.4f} top-1 {train.top1:.2f}% | test loss "
-            f"{test['loss']:.4f} top-1 {test['top1']:.2f}% top-5 {test['top5']:.2f}% | "
-            f"{journal.epochs[-1]['seconds']:.1f} s")
+            f"{test['loss']:.4f} top-1 {test['top1']:.2f}% top-5 {test['top5']:.2f}% | {row.seconds:.1f} s")
     return following
 
 
-def main(args: argparse.Namespace) -> None:
-    # -------------------------------------------------------------------------
-    # setup: processes, the run's files, and whether there is anything left to do
-    ctx = runtime.setup(args)
-    run_args = {**vars(args), "device": str(ctx.device), "compile": compile_mode(args, ctx.device, ctx.world),
-                "world_size": ctx.world}  # saved with the results, the checkpoint and the weights
-    files = RunFiles(args.results_dir, run_args, enabled=ctx.is_main)
-    status = files.check_resume(run_args, RESUMABLE_CHANGES)
-    if status in DONE:
-        return ctx.log(f"{files.name} is already {status} in {files.dir}; nothing to do")
+def head(args, ctx: runtime.Context, data=None, run: Run = None) -> dict:
+    """The run's args.json: every flag as used, where and how it ran, and what it trained on; the parts that
+    need the data and the model are left out (None) before they exist."""
+    return {"name": args.name, **{k: v for k, v in vars(args).items() if k != "name"},
+            "device": str(ctx.device), "compile": compile_mode(args, ctx.device, ctx.world), "world_size": ctx.world,
+            "init_images": run.init_images if run else args.init_images,
+            "data_fingerprint": data.fingerprint if data else None, "train_images": data.train_images if data else None,
+            "params": run.params if run else None, "flops": run.flops if run else None, **provenance(ctx.device_name)}
 
-    # -------------------------------------------------------------------------
-    # data
+
+def train(args, ctx: runtime.Context, record: RunRecord) -> None:
     data = build_loaders(args, ctx)
-
-    # -------------------------------------------------------------------------
-    # model, and where training stands
     run = build(args, ctx, data)
-    saved = files.load_checkpoint(ctx.device) if args.resume else None
-    progress = restore(run, saved, ctx) if saved else Progress.start(1, run.optimizer, ctx.device)
-    journal = Journal(files, run_args, {"params_m": round(run.params / 1e6, 2), "flops": run.flops,
-                                        "device": ctx.device_name}, saved)
-    files.write_args(run_args)
-    ctx.log(f"{files.name}: {run.params / 1e6:.2f}M params, {human(run.flops)} FLOPs, "
-            f"{ctx.world} x {ctx.device_name}")
-
-    # -------------------------------------------------------------------------
-    # the loop
+    state = record.start(head(args, ctx, data, run), args.resume, ctx.device)
+    progress = run.load(state, ctx) if state else Progress.start(1, run.optimizer, ctx.device)
+    ctx.log(f"{args.name}: {run.params / 1e6:.2f}M params, {human(run.flops)} FLOPs, {ctx.world} x {ctx.device_name}")
     with runtime.StopSignal() as stop:
         try:
             while progress.epoch <= args.epochs:
-                progress = run_epoch(run, data, journal, progress, ctx, stop, args)
+                progress = run_epoch(run, data, record, progress, ctx, stop, args)
         except runtime.Diverged as e:
-            journal.save("diverged")
-            raise RunDiverged(f"{files.name} diverged: {e}. Its {len(journal.epochs)} finished epochs are in "
-                              f"{files.statistics}, and summary.csv marks it diverged; a lower --lr may help") from None
+            record.diverge(str(e))
+            raise RunDiverged(f"{args.name} diverged: {e}. Its {len(record.epochs)} finished epochs are in "
+                              f"{record.statistics}, and it is recorded as diverged") from None
         except runtime.Interrupted:
-            journal.save("incomplete", checkpoint(run, progress, ctx))
-            command = " ".join(["python", *sys.argv] + ([] if args.resume else ["--resume"]))
+            record.interrupt(run.state(progress, ctx))
+            command = shlex.join(["python", *sys.argv] + ([] if args.resume else ["--resume"]))
             raise UserError(f"stopped by {signal.Signals(stop.signum).name} in epoch {progress.epoch} after step "
-                            f"{progress.step}; {files.checkpoint} is saved. Continue with: {command}",
+                            f"{progress.step}; {record.checkpoint} is saved. Continue with: {command}",
                             exit_code=128 + stop.signum) from None
-    ctx.log(f"{files.name} finished: results in {files.statistics}, {files.layers} and {files.summary}; "
-            f"weights in {files.weights}")
+    written = [record.statistics] + ([record.layers_csv] if record.layers else [])
+    ctx.log(f"{args.name} finished: results in {', '.join(map(str, written))} and {record.summary}; weights in "
+            f"{record.weights}")
+
+
+def main(args: argparse.Namespace) -> None:
+    """One run: trained from the start, resumed from its checkpoint, or left alone if it is a result already."""
+    ctx = runtime.setup(args)
+    with RunRecord(args.results_dir, args.name, DEFAULTS, ctx.is_main, args.keep_checkpoint) as record:
+        status = record.status()
+        if status and not args.resume:
+            raise UserError(f"{args.name} already has results in {args.results_dir}; pass --resume to continue "
+                            f"it (or skip it if it is done), or choose another --results_dir")
+        if status in DONE:
+            record.check(head(args, ctx))
+            record.restore_summary()
+            return ctx.log(f"{args.name} is already {status} in {args.results_dir}; nothing to do")
+        train(args, ctx, record)
 
 
 if __name__ == "__main__":

@@ -318,19 +318,28 @@ def blocks(model: ResNet) -> dict:
 # -----------------------------------------------------------------------------
 # WN's initialization
 
+MIN_INIT_STD = 1e-6  # the outputs before a WN layer are standardized, so a real spread is of order 1
+
+
 @torch.no_grad()
 def data_dependent_init(model: nn.Module, x: torch.Tensor) -> None:
     """Salimans & Kingma 2016, section 3: in forward order, each WN layer sees the outputs of the layers
     before it, already initialized; with t = v·x/||v||, per output channel, it sets g = 1/std(t) and
     b = -mean(t)/std(t), so that its output starts at zero mean and unit variance. One forward pass does
-    it: a hook standardizes each layer's output before the next layer sees it."""
+    it: a hook standardizes each layer's output before the next layer sees it. Raises ValueError where a
+    channel has no spread on x."""
+    names = {m: name for name, m in model.named_modules()}
+
     def standardize(layer, inputs, output):
         layer.g.fill_(1.0)  # w = v / ||v||, up to eps
         if layer.bias is not None:
             layer.bias.zero_()
         t = layer.forward(*inputs).float()  # (B, C, H, W) or (B, C); forward() skips this hook
         dims = [0, *range(2, t.dim())]
-        mean, std = t.mean(dims), t.std(dims, correction=0) + 1e-8
+        mean, std = t.mean(dims), t.std(dims, correction=0)
+        flat = (std <= MIN_INIT_STD).nonzero().flatten().tolist()
+        if flat:  # g = 1/std would be infinite or huge: e.g. the final linear on a batch of one image
+            raise ValueError(f"{names[layer]} has no spread in {len(flat)} of its {len(std)} output channels")
         layer.g.copy_(1 / std)
         if layer.bias is not None:  # else a mean-only BN after the layer removes the mean
             layer.bias.copy_(-mean / std)

@@ -30,7 +30,7 @@ from utils.cli import ArgumentParser, UserError, positive_int, run_cli
 from utils.data import DATASETS
 from utils.layerstats import LAYER_COLUMNS
 from utils.metrics import human
-from utils.runfiles import EPOCH_COLUMNS, read_csv, read_summary, run_name
+from utils.runfiles import EPOCH_COLUMNS, read_csv, read_summary
 
 
 LABELS = {"data": {k: d.label for k, d in DATASETS.items()}, "backbone": {k: m.label for k, m in MODELS.items()},
@@ -113,7 +113,7 @@ def per_run_plots(results: Path, df: pd.DataFrame) -> None:
         (results / folder).mkdir(exist_ok=True)
     layers = {}
     for _, row in df.iterrows():
-        name = run_name(row.to_dict())
+        name = row["name"]
         if (results / f"{name}_statistics.csv").exists():
             stats = read_csv(results / f"{name}_statistics.csv", EPOCH_COLUMNS)
             plots.curves(stats, name, results / "curves" / f"{name}.png")
@@ -122,7 +122,7 @@ def per_run_plots(results: Path, df: pd.DataFrame) -> None:
             plots.layer_heatmaps(layers[name], name, results / "layers" / f"{name}.png")
     for (data, backbone, batch), group in df.groupby(["data_name", "backbone_type", "batch_size"]):
         runs = {LABELS["norm"].get(row.norm_type, row.norm_type): layers[name] for _, row in group.iterrows()
-                if (name := run_name(row.to_dict())) in layers}
+                if (name := row["name"]) in layers}
         if runs:
             title = f"{LABELS['backbone'].get(backbone, backbone)}, {data}, batch {batch}: signal propagation"
             plots.signal_propagation(runs, title, results / "signal" / f"{data}_{backbone}_{batch}.png")

@@ -34,7 +34,7 @@ from model import MODELS, NORMS
 from utils import runtime
 from utils.cli import ArgumentParser, RunDiverged, UserError, auto_or_positive_int, positive_int, run_cli
 from utils.data import DATASETS
-from utils.runfiles import DONE, RunFiles, run_name
+from utils.runfiles import DONE, RunRecord
 
 
 GRID = {"data_name": list(DATASETS), "backbone_type": list(MODELS), "norm_type": list(NORMS), "batch_size": None}
@@ -51,12 +51,12 @@ class Config:
 
     @property
     def name(self) -> str:
-        return run_name(self.args)
+        return self.args.name
 
     @property
-    def files(self) -> RunFiles:
-        """Its files, to read: this process writes none of them."""
-        return RunFiles(self.args.results_dir, vars(self.args), enabled=False)
+    def files(self) -> RunRecord:
+        """Its record, to read: this process writes none of its files."""
+        return RunRecord(self.args.results_dir, self.name, cls.DEFAULTS, enabled=False)
 
 
 def parse(argv=None) -> tuple:
@@ -69,11 +69,12 @@ def parse(argv=None) -> tuple:
     p.add_argument("--jobs", default=1, type=auto_or_positive_int, help="configurations at once, each its own process")
     grid, rest = p.parse_known_args(argv)
     jobs = grid.__dict__.pop("jobs")
-    configs = []
+    configs = {}  # by name: a run named twice runs once
     for values in itertools.product(*vars(grid).values()):
         argv = [f"--{k}={v}" for k, v in zip(GRID, values, strict=True)] + rest + ["--resume"]
-        configs.append(Config(argv, cls.parse_args(argv)))
-    return configs, jobs
+        config = Config(argv, cls.parse_args(argv))
+        configs.setdefault(config.name, config)
+    return list(configs.values()), jobs
 
 
 def auto_jobs(n_configs: int, device) -> int:
@@ -103,10 +104,10 @@ def in_process(configs: list) -> None:
 
 def done(config: Config) -> bool:
     """Whether the run is finished or diverged, as cls.py would find it, without a process to start: refuses,
-    as cls.py does, a changed flag that defines the run."""
-    run_args = {**vars(config.args), "world_size": 1}
-    status = config.files.check_resume(run_args, cls.RESUMABLE_CHANGES)
+    as cls.py does, a run whose files say it was made otherwise."""
+    status = config.files.status()
     if status in DONE:
+        config.files.check({**vars(config.args), "world_size": 1})
         print(f"{config.name} is already {status} in {config.args.results_dir}; nothing to do", flush=True)
     return status in DONE
 

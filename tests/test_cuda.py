@@ -105,7 +105,7 @@ def test_checkpoint_and_resume_on_cuda(tmp_path, learnable):
     assert proc.returncode == 128 + signal.SIGTERM and "--resume" in err.strip().splitlines()[-1], err[-2000:]
     checkpoint = torch.load(next(tmp_path.glob("*_checkpoint.pth")), map_location="cpu", weights_only=False)
     first = pd.read_csv(next(tmp_path.glob("*_statistics.csv")))
-    assert checkpoint["progress"]["epoch"] == len(first) + 1 and checkpoint["rng"]["cuda"]
+    assert checkpoint["state"]["progress"]["epoch"] == len(first) + 1 and checkpoint["state"]["rng"]["cuda"]
     resumed = subprocess.run([*args, "--resume"], capture_output=True, text=True, env=env, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     stats = pd.read_csv(next(tmp_path.glob("*_statistics.csv")))

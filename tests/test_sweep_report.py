@@ -13,10 +13,11 @@ import pytest
 import torch
 from PIL import Image
 
+import cls
 import report
 from conftest import ENV, NARROW, ROOT, write_cifar
 from utils.metrics import human
-from utils.runfiles import RunFiles
+from utils.runfiles import write_summary_row
 
 
 def sweep(*args):
@@ -71,7 +72,7 @@ def parallel(tmp_path_factory, data):
     results = tmp_path_factory.mktemp("parallel")
     args = ["--norm_type", "bn", "in", "--batch_size", "8", "--jobs", "2", "--epochs", "8", "--data_path",
             str(data), "--results_dir", str(results)]
-    names = [f"cifar10_resnet18_{norm}_8" for norm in ("bn", "in")]
+    names = [cls.parse_args([*NARROW, "--norm_type", norm, "--batch_size", "8", "--epochs", "8"]).name for norm in ("bn", "in")]
     first = sweep(*args)
     wait_until(lambda: len(summary_of(results)) == 2, first)  # both have finished an epoch
     first.send_signal(signal.SIGINT)
@@ -96,7 +97,7 @@ def test_stopping_a_parallel_sweep_stops_both_runs_with_checkpoints_to_resume(pa
     assert stopped.code == 128 + signal.SIGINT and "Traceback" not in stopped.err
     assert "stopped by SIGINT" in stopped.err.strip().splitlines()[-1]
     assert stopped.out.count(": stopped (exit status 130)") == 2  # the sweep waited for both
-    assert all(1 < checkpoint["progress"]["epoch"] <= 8 for checkpoint in parallel.stopped.checkpoints)
+    assert all(1 < checkpoint["state"]["progress"]["epoch"] <= 8 for checkpoint in parallel.stopped.checkpoints)
     assert (stopped.summary.status == "incomplete").all()
     assert all("resuming" in log for log in parallel.logs.values())  # the second sweep went on from there
 
@@ -118,9 +119,9 @@ def test_a_finished_parallel_sweep_is_skipped_when_run_again(parallel):
 
 def write_rows(results, worker, n):
     for i in range(n):
-        row = {"data_name": "cifar10", "backbone_type": "resnet18", "norm_type": "bn", "batch_size": 1000 * worker + i,
-               "status": "finished"}
-        RunFiles(results, row).write_summary(row)
+        row = {"name": f"run{1000 * worker + i}", "data_name": "cifar10", "backbone_type": "resnet18",
+               "norm_type": "bn", "batch_size": 1000 * worker + i, "status": "finished"}
+        write_summary_row(results / "summary.csv", row)
 
 
 def test_runs_finishing_together_lose_no_summary_row(tmp_path):
