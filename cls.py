@@ -6,6 +6,7 @@ Examples:
     python cls.py --data_name cifar100 --batch_size 2
     python cls.py --backbone_type resnext50 --norm_type wn_mbn --epochs 30
     python cls.py --optimizer adam --lr_schedule step --weight_decay 5e-4 --warmup_epochs 0   # the original's recipe
+    python cls.py --batch_size 256 --lr_scaling sqrt         # peak lr 1e-3 x sqrt(256 / 32) (docs/statistics.md)
     python cls.py --data_name imagenet --data_path /home/data/imagenet/ILSVRC2012 --workers 16
     torchrun --nproc_per_node 8 cls.py --data_name imagenet --batch_size 32    # 32 per GPU, 256 in all
     python cls.py --norm_type wn --resume                  # continue (or skip, if done) a stopped run
@@ -46,6 +47,11 @@ from utils.runfiles import DONE, EpochRow, RunRecord, provenance, run_name
 # -----------------------------------------------------------------------------
 # config: every flag of a run, with its default
 
+# --lr_scaling: the power of (global batch / --lr_base_batch) that multiplies --lr. linear: Goyal et al. 2017
+# (SGD); sqrt: Malladi et al. 2022 (Adam-type), timm's default for them; none: one lr at every batch size.
+LR_SCALING = {"none": 0.0, "linear": 1.0, "sqrt": 0.5}
+
+
 def make_parser() -> ArgumentParser:
     """bench.py and sweep.py add their own flags to this parser."""
     p = ArgumentParser(description=__doc__)
@@ -62,7 +68,11 @@ def make_parser() -> ArgumentParser:
     # the recipe: README "Training recipe"
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "adam"],
                    help="adamw: decoupled weight decay; adam: L2 added to the gradient, as the original")
-    p.add_argument("--lr", default=1e-3, type=positive_float, help="peak learning rate")
+    p.add_argument("--lr", default=1e-3, type=positive_float,
+                   help="peak learning rate (at a global batch of --lr_base_batch, under --lr_scaling)")
+    p.add_argument("--lr_scaling", default="none", choices=list(LR_SCALING),
+                   help="scale --lr with the global batch (--batch_size x processes): linear, sqrt, or none")
+    p.add_argument("--lr_base_batch", default=32, type=positive_int, help="the global batch at which --lr holds")
     p.add_argument("--weight_decay", default=0.05, type=natural_float,
                    help="on conv and linear weights only; never on gains, norm affines or biases")
     p.add_argument("--lr_schedule", default="cosine", choices=["cosine", "step"],
@@ -182,7 +192,13 @@ def evaluate(model, loader, ctx: runtime.Context) -> dict:
 # -----------------------------------------------------------------------------
 # model, optimizer, schedule
 
-def make_optimizer(model: nn.Module, args, device: torch.device) -> torch.optim.Optimizer:
+def peak_lr(args, world: int) -> float:
+    """--lr x (global batch / --lr_base_batch) ** LR_SCALING[--lr_scaling], the global batch being
+    --batch_size x processes: the lr the schedule warms up to."""
+    return args.lr * (args.batch_size * world / args.lr_base_batch) ** LR_SCALING[args.lr_scaling]
+
+
+def make_optimizer(model: nn.Module, args, lr: float, device: torch.device) -> torch.optim.Optimizer:
     """AdamW (decoupled decay, Loshchilov & Hutter 2019) or Adam (L2 added to the gradient, the original's),
     with parameters grouped by role as timm's param_groups_weight_decay: the decay acts on conv and linear
     weights (WN's v among them), never on gains (WN's g, norm affines) or biases, as DeepMind's NFNet
@@ -196,12 +212,13 @@ def make_optimizer(model: nn.Module, args, device: torch.device) -> torch.optim.
     groups = [{"params": [p for p in params if id(p) in decayed], "weight_decay": args.weight_decay},
               {"params": [p for p in params if id(p) not in decayed], "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.Adam
-    return optimizer(groups, lr=args.lr, fused=device.type == "cuda")
+    return optimizer(groups, lr=lr, fused=device.type == "cuda")
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
-    """The learning rate of step `step` (0-based, of `total`) as a fraction of --lr: a linear warmup to 1 over
-    the first `warmup` steps, then a cosine to 0 at the end of the run, or x0.1 at 50% and at 75% of it."""
+    """The learning rate of step `step` (0-based, of `total`) as a fraction of the peak (peak_lr): a linear
+    warmup to 1 over the first `warmup` steps, then a cosine to 0 at the end of the run, or x0.1 at 50% and at
+    75% of it."""
     if step < warmup:
         return (step + 1) / warmup
     if schedule == "step":
@@ -290,7 +307,7 @@ def build(args, ctx: runtime.Context, data) -> Run:
     mode = compile_mode(args, ctx.device, ctx.world)
     if mode != "off":
         train_model = torch.compile(train_model, mode=mode)
-    optimizer = make_optimizer(model, args, ctx.device)
+    optimizer = make_optimizer(model, args, peak_lr(args, ctx.world), ctx.device)
     probe = ctx.to_device(*data.train.init_batch(PROBE_IMAGES)) if args.layer_stats else None
     stats = LayerStats(model, weight_layers(model), blocks(model), probe, ctx.autocast)
     return Run(model, train_model, optimizer, make_scheduler(optimizer, args, len(data.train)), stats, params, flops,
@@ -332,6 +349,7 @@ def head(args, ctx: runtime.Context, data=None, run: Run = None) -> dict:
     need the data and the model are left out (None) before they exist."""
     return {"name": args.name, **{k: v for k, v in vars(args).items() if k != "name"},
             "device": str(ctx.device), "compile": compile_mode(args, ctx.device, ctx.world), "world_size": ctx.world,
+            "peak_lr": peak_lr(args, ctx.world),
             "init_images": run.init_images if run else args.init_images,
             "data_fingerprint": data.fingerprint if data else None, "train_images": data.train_images if data else None,
             "params": run.params if run else None, "flops": run.flops if run else None, **provenance(ctx.device_name)}

@@ -30,7 +30,8 @@ def decays(optimizer) -> dict:
     ([], torch.optim.AdamW, 0.05), (["--optimizer", "adam", "--weight_decay", "5e-4"], torch.optim.Adam, 5e-4)])
 def test_weight_decay_goes_to_conv_and_linear_weights_only(norm, flags, kind, decay):
     model = build_model("resnet18", norm, 10, width=8)
-    optimizer = cls.make_optimizer(model, args_of(*flags), torch.device("cpu"))
+    args = args_of(*flags)
+    optimizer = cls.make_optimizer(model, args, args.lr, torch.device("cpu"))
     assert type(optimizer) is kind
     got = decays(optimizer)
     assert set(got) == {id(p) for p in model.parameters()}
@@ -66,7 +67,7 @@ def v_norm_after_1000_steps(make_optimizer) -> float:
 
 @pytest.mark.parametrize("flags", [[], ["--optimizer", "adam", "--weight_decay", "5e-4"]])
 def test_no_documented_recipe_collapses_a_wn_layers_v(flags):
-    ratio = v_norm_after_1000_steps(lambda model: cls.make_optimizer(model, args_of(*flags), torch.device("cpu")))
+    ratio = v_norm_after_1000_steps(lambda model: cls.make_optimizer(model, args_of(*flags), 1e-3, torch.device("cpu")))
     assert ratio >= 0.5
 
 
