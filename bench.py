@@ -238,7 +238,7 @@ def wn_overhead(args, ctx: runtime.Context) -> None:
 
 
 def layer_stats_cost(args, ctx: runtime.Context) -> None:
-    """The per-epoch layer statistics against an epoch of training as cls.py runs it (issue 14: under 2%)."""
+    """The per-epoch layer statistics against an epoch of training as cls.py runs it (budget: 2% of an epoch)."""
     pipeline, run = ours(args, ctx, build_loaders(args, ctx))
     step_ms = pipeline.measure(args, ctx)["step (ms)"]
     epoch_s = step_ms / 1000 * -(-50_000 // args.batch_size)

@@ -28,6 +28,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -205,7 +206,7 @@ def make_optimizer(model: nn.Module, args, lr: float, device: torch.device) -> t
     optimizer. Under Adam's coupled L2, WN's v is left undecayed too: w depends on v / ||v|| only, so L2
     changes nothing the loss sees, and Adam scales it to a step of about lr per element, which collapses
     ||v|| where the loss gives v no gradient (g = 0) and makes the gradient through g v / ||v|| explode
-    once g moves: WN's NaN in issue 11 (README "Training recipe")."""
+    once g moves: WN went NaN this way on an H100 (docs/recipe.md)."""
     decayed = {id(layer.direction) for layer in weight_layers(model).values()
                if args.optimizer == "adamw" or layer.gain is None}
     params = list(model.parameters())
@@ -234,9 +235,9 @@ def make_scheduler(optimizer, args, steps_per_epoch: int) -> torch.optim.lr_sche
 
 
 def compile_mode(args, device: torch.device, world: int = 1) -> str:
-    # On CUDA an eager step is bound by the host launching kernels (~12 ms at batch 32 and at 128 on an H100,
-    # issue 12), which CUDA graphs remove; the last, smaller batch of an epoch records a second graph once.
-    # Under DDP, graphs have crashed (pytorch issue 128218), so there they wait for an explicit
+    # On CUDA an eager step is bound by the host launching kernels (~12 ms at batch 32 and at 128 on an H100),
+    # which CUDA graphs remove; the last, smaller batch of an epoch records a second graph once.
+    # Under DDP, graphs have crashed (pytorch/pytorch#128218), so there they wait for an explicit
     # --compile reduce-overhead. On the CPU compiling costs minutes and gains little.
     if args.compile != "auto":
         return args.compile
@@ -254,7 +255,7 @@ class Run:
     layer_stats: LayerStats
     params: int
     flops: int
-    init_images: int  # the data-dependent init's batch, as used (0 for norms without one)
+    init_images: Optional[int]  # the data-dependent init's batch, as used (None for norms without one)
 
     def state(self, progress: Progress, ctx: runtime.Context) -> dict:
         """Everything a resume needs besides the record's history: collective under DDP."""
@@ -296,7 +297,7 @@ def build(args, ctx: runtime.Context, data) -> Run:
     params, flops = count_params_flops(model, DATASETS[args.data_name].image_size)
     model.to(ctx.device)
     # before DDP wraps the model, whose constructor hands every rank rank 0's values
-    init_images = initialize(norm, model, args, data, ctx) if norm.init else 0
+    init_images = initialize(norm, model, args, data, ctx) if norm.init else None
     if args.sync_bn and ctx.world > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(ctx.device, memory_format=ctx.memory_format)
@@ -350,7 +351,7 @@ def head(args, ctx: runtime.Context, data=None, run: Run = None) -> dict:
     return {"name": args.name, **{k: v for k, v in vars(args).items() if k != "name"},
             "device": str(ctx.device), "compile": compile_mode(args, ctx.device, ctx.world), "world_size": ctx.world,
             "peak_lr": peak_lr(args, ctx.world),
-            "init_images": run.init_images if run else args.init_images,
+            "init_images_used": run.init_images if run else None,
             "data_fingerprint": data.fingerprint if data else None, "train_images": data.train_images if data else None,
             "params": run.params if run else None, "flops": run.flops if run else None, **provenance(ctx.device_name)}
 

@@ -118,7 +118,7 @@ def test_wn_conv_output_is_conv_with_g_v_over_norm_v():
 
 
 def test_wn_weight_has_an_eps_that_keeps_a_zero_v_finite():
-    # pytorch issue 19126: v / ||v|| has a NaN gradient at v = 0.
+    # pytorch/pytorch#19126: v / ||v|| has a NaN gradient at v = 0.
     conv = WNConv2d(4, 2, 3)
     with torch.no_grad():
         conv.v.zero_()

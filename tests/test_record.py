@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import cls
+import report
 from conftest import NARROW, ROOT, RUN, run_cls_here, start_cls, write_cifar
 from model import build_model, data_dependent_init
 from utils.runfiles import DONE, RunRecord, read_summary, run_name, write_summary_row
@@ -283,8 +284,9 @@ def test_init_images_defaults_to_every_image_where_there_are_fewer_and_is_record
     status, _, err = run_cls_here(capsys, "--data_path", str(data), "--norm_type", "wn", "--epochs", "1",
                                   "--results_dir", str(tmp_path))
     assert status == 0, err
-    assert json.loads(next(tmp_path.glob("*_args.json")).read_text())["init_images"] == 40
-    assert pd.read_csv(tmp_path / "summary.csv").init_images.tolist() == [40]
+    saved = json.loads(next(tmp_path.glob("*_args.json")).read_text())
+    assert (saved["init_images"], saved["init_images_used"]) == (None, 40)  # as given, and as used
+    assert pd.read_csv(tmp_path / "summary.csv").init_images_used.tolist() == [40]
 
 
 # -----------------------------------------------------------------------------
@@ -303,11 +305,11 @@ def test_results_say_how_they_were_made(uninterrupted):
     assert saved["status"] == "finished" and saved["data_fingerprint"]
 
 
-def test_the_summary_can_be_rebuilt_from_the_runs_files(finished):
-    from utils.runfiles import rebuild_summary
+def test_the_summary_can_be_rebuilt_from_the_runs_files(finished, capsys):
     results, _, name, before = finished
     (results / "summary.csv").unlink()
-    assert rebuild_summary(results, cls.DEFAULTS) == 1
+    report.main(["--results_dir", str(results), "--rebuild_summary", "--all"])
+    assert "rebuilt the rows of 1 runs" in capsys.readouterr().out
     assert (results / "summary.csv").read_bytes() == before["summary.csv"]
 
 

@@ -1,5 +1,5 @@
 """Per-layer statistics at the end of every epoch, on a fixed probe batch of training images: what each norm
-does inside the network. A layer's ||v|| collapsing towards 0 (issue 11: WN's divergence) shows here after
+does inside the network. A layer's ||v|| collapsing towards 0 (how WN diverged under Adam's coupled L2) shows here after
 one epoch, and the activations' std through the blocks is a signal-propagation plot (Brock et al. 2021)."""
 import torch
 import torch.nn as nn
@@ -74,7 +74,7 @@ class LayerStats:
         w, ref, layers = list(weights.values()), [self.reference[name] for name in weights], self.layers.values()
         nan = torch.tensor(float("nan"), device=self.x.device)
         # One kernel per statistic for all the layers (torch._foreach_norm, as clip_grad_norm_ uses it): on a
-        # GPU the statistics are bound by kernel launches, and they have 2% of an epoch (issue 14).
+        # GPU the statistics are bound by kernel launches, and their budget is 2% of an epoch.
         norm = torch._foreach_norm
         columns = {  # name -> (layers,) or, for the activations, (layers + blocks,)
             "weight_norm": torch.stack(norm(w)), "grad_norm": torch.stack(norm(grads)),
