@@ -120,8 +120,9 @@ class Child:
 
 
 class Children:
-    """The cls.py processes of a parallel sweep. Each runs in a process group of its own (setsid), so that Ctrl-C reaches it
-    once, forwarded from here, and never twice (a second signal would stop it before its checkpoint)."""
+    """The cls.py processes of a parallel sweep. Each runs in a process group of its own (setsid), so that
+    Ctrl-C reaches it once, forwarded from here, and never twice (a second signal would stop it before its
+    checkpoint)."""
 
     def __init__(self, jobs: int):
         self.running, self.signum = [], 0

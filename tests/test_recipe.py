@@ -47,7 +47,8 @@ def test_weight_decay_goes_to_conv_and_linear_weights_only(norm, flags, kind, de
 
 def v_norm_after_1000_steps(make_optimizer) -> float:
     """||v|| / ||v0|| of a 16-channel 3x3 WN conv with g = 0 after 1000 steps of a loss that gives v no
-    gradient: the last conv of a residual branch scaled to 0 at init, where WN went NaN on an H100 under the old recipe."""
+    gradient: the last conv of a residual branch scaled to 0 at init, where WN went NaN on an H100 under the old
+    recipe."""
     torch.manual_seed(0)
     model = nn.Sequential(WNConv2d(16, 16, 3))
     conv = model[0]

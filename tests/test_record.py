@@ -110,7 +110,8 @@ def test_an_edited_or_removed_summary_never_retrains_a_finished_run(finished, ca
     status, out, err = run_cls_here(capsys, *args, "--resume")
     assert status == 0 and "already finished" in out, err
     after = files_of(results)
-    assert {k: v for k, v in after.items() if "summary" not in k} == {k: v for k, v in before.items() if "summary" not in k}
+    runs_files = lambda files: {k: v for k, v in files.items() if "summary" not in k}  # noqa: E731
+    assert runs_files(after) == runs_files(before)
     restored = pd.read_csv(summary).set_index("name").loc[name]
     original = pd.read_csv(pd.io.common.StringIO(before["summary.csv"].decode())).set_index("name").loc[name]
     assert restored.drop("final_top5").equals(original.drop("final_top5"))

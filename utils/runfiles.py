@@ -45,8 +45,9 @@ class EpochRow:
 
 EPOCH_COLUMNS = [f.name for f in fields(EpochRow)]
 CONFIG_COLUMNS = ["data_name", "backbone_type", "norm_type", "batch_size"]  # the original's name of a run
-RESULT_COLUMNS = ["world_size", "peak_lr", "init_images_used", "epochs_done", "status", "params_m", "flops", "best_top1", "best_top5",
-                  "final_top1", "final_top5", "device", "git_commit", "torch_version", "cuda_version"]
+RESULT_COLUMNS = ["world_size", "peak_lr", "init_images_used", "epochs_done", "status", "params_m", "flops",
+                  "best_top1", "best_top5", "final_top1", "final_top5", "device", "git_commit", "torch_version",
+                  "cuda_version"]
 DONE = ("finished", "diverged")  # statuses that are results: never trained again
 SPELLED_OUT = 3  # a name spells out at most this many flags that differ from the defaults, else a hash
 
@@ -376,7 +377,8 @@ class RunRecord:
         """This run's summary row, rewritten from its files (after summary.csv was edited or moved away)."""
         if self.enabled:
             stats = read_csv(self.statistics, EPOCH_COLUMNS)
-            write_summary_row(self.summary, summary_row({"name": self.name, **self.saved()}, stats, list(self.defaults)))
+            row = summary_row({"name": self.name, **self.saved()}, stats, list(self.defaults))
+            write_summary_row(self.summary, row)
 
     # -------------------------------------------------------------------------
 
