@@ -1,8 +1,9 @@
-"""Train and evaluate a ResNet or ResNeXt classifier with bn, in, wn, wn_mbn or gn as its normalization.
+"""Train and evaluate a ResNet or ResNeXt classifier with bn, in, wn, wn_mbn, gn, ws_gn or sws as its normalization.
 
 Examples:
     python cls.py                                          # ResNet-18, bn, CIFAR-10, batch 32, 90 epochs
     python cls.py --norm_type wn                           # weight normalization, the same recipe
+    python cls.py --norm_type sws --agc 0.01               # NF-ResNet's conv and adaptive gradient clipping
     python cls.py --data_name cifar100 --batch_size 2
     python cls.py --backbone_type resnext50 --norm_type wn_mbn --epochs 30
     python cls.py --optimizer adam --lr_schedule step --weight_decay 5e-4 --warmup_epochs 0   # the original's recipe
@@ -33,6 +34,7 @@ import torch.nn.functional as F
 
 from model import MODELS, NORMS, blocks, build_model, count_params_flops, weight_layers
 from utils import runtime
+from utils.agc import AGC_OFF, AdaptiveGradClip
 from utils.cli import (ArgumentParser, RunDiverged, UserError, auto_or_natural_float, flag_error, natural_float,
                        natural_int, positive_float, positive_int, run_cli)
 from utils.data import DATASETS, build_loaders, resolve_path
@@ -73,9 +75,13 @@ def make_parser() -> ArgumentParser:
                                                                    "the papers' 64, or less for quick tests")
     p.add_argument("--init_images", default=512, type=positive_int,
                    help="wn, wn_mbn: training images in the data-dependent init's one batch")
-    p.add_argument("--wn_residual_scale", default="auto", type=auto_or_natural_float,
-                   help="wn, wn_mbn: after the init, scale the last layer of every residual branch by this; "
+    p.add_argument("--residual_scale", "--wn_residual_scale", dest="residual_scale", default="auto",
+                   type=auto_or_natural_float,
+                   help="wn, wn_mbn, sws: after the init, scale the last layer of every residual branch by this; "
                         "auto: 1/(blocks in its stage)")
+    p.add_argument("--agc", default=0.0, type=natural_float,
+                   help="adaptive gradient clipping: each output unit's gradient to at most this times its "
+                        "weight, on every weight but the final linear's (docs/norms-family.md); 0: off")
     p.add_argument("--subset", default=0, type=natural_int,
                    help="train on a fixed random N training images and test on N test images (0: all)")
     # where and how it runs; a resumed run may change these
@@ -92,6 +98,10 @@ def make_parser() -> ArgumentParser:
                    help="torch.compile mode; auto: reduce-overhead (CUDA graphs) on one CUDA device, else off")
     p.add_argument("--sync_bn", action="store_true", help="under torchrun, BatchNorm statistics over all ranks")
     return p
+
+
+# Flags renamed since runs were first recorded, {old dest: new dest}: what an older args.json calls today's.
+RENAMED_FLAGS = {"wn_residual_scale": "residual_scale"}
 
 
 def parse_args(argv=None, parser=None) -> argparse.Namespace:
@@ -118,13 +128,14 @@ SYNC_EVERY = 25  # steps between the host syncs that look for NaN and signals, a
 # -----------------------------------------------------------------------------
 # one train step, one epoch, one evaluation
 
-def train_step(model, optimizer, scheduler, x, y, autocast) -> tuple:
+def train_step(model, optimizer, scheduler, x, y, autocast, agc=AGC_OFF) -> tuple:
     """One step on a batch: (the mean loss, correct top-1), both left on the device."""
     with autocast:
         logits = model(x)
         loss = F.cross_entropy(logits, y)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    agc.clip()
     optimizer.step()
     scheduler.step()
     return loss.detach(), topk_correct(logits.detach(), y, ks=(1,))[0]
@@ -144,7 +155,7 @@ def train_one_epoch(run: "Run", loader, progress: Progress, ctx: runtime.Context
     try:
         for x, y in loader:
             loss, correct = train_step(run.train_model, run.optimizer, run.scheduler, *ctx.to_device(x, y),
-                                       ctx.autocast)
+                                       ctx.autocast, run.agc)
             progress.loss += loss.float() * len(y)
             progress.correct += correct
             progress.images += len(y)
@@ -179,8 +190,9 @@ def evaluate(model, loader, ctx: runtime.Context) -> dict:
 def make_optimizer(model: nn.Module, args, device: torch.device) -> torch.optim.Optimizer:
     """AdamW (decoupled decay, Loshchilov & Hutter 2019) or Adam (L2 added to the gradient, the original's),
     with parameters grouped by role as timm's param_groups_weight_decay: the decay acts on conv and linear
-    weights (WN's v among them), never on gains (WN's g, norm affines) or biases, as DeepMind's NFNet
-    optimizer. Under Adam's coupled L2, WN's v is left undecayed too: w depends on v / ||v|| only, so L2
+    weights (WN's v and WS's raw weight among them), never on gains (WN's g, scaled WS's gain, norm affines)
+    or biases, as DeepMind's NFNet optimizer. Under Adam's coupled L2, the weight of a layer with its own gain
+    (WN's v, scaled WS's weight) is left undecayed too: w depends on v / ||v|| only, so L2
     changes nothing the loss sees, and Adam scales it to a step of about lr per element, which collapses
     ||v|| where the loss gives v no gradient (g = 0) and makes the gradient through g v / ||v|| explode
     once g moves: WN's NaN in issue 11 (README "Training recipe")."""
@@ -191,6 +203,14 @@ def make_optimizer(model: nn.Module, args, device: torch.device) -> torch.optim.
               {"params": [p for p in params if id(p) not in decayed], "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.Adam
     return optimizer(groups, lr=args.lr, fused=device.type == "cuda")
+
+
+def make_agc(model: nn.Module, args) -> AdaptiveGradClip:
+    """AGC (--agc) on every conv's weight tensor, WN's v and WS's raw weight among them, by role as the
+    optimizer's groups: not on gains, biases or norm affines, and never on the final linear, which Brock et
+    al. 2021b (section 4.1) found better left unclipped."""
+    layers = weight_layers(model).values()
+    return AdaptiveGradClip([layer.direction for layer in layers if layer.module is not model.fc], args.agc)
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
@@ -229,6 +249,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     layer_stats: LayerStats
+    agc: AdaptiveGradClip
     params: int
     flops: int
 
@@ -255,12 +276,16 @@ def restore(run: Run, saved: dict, ctx: runtime.Context) -> Progress:
 
 
 def initialize(norm, model: nn.Module, args, data, ctx: runtime.Context) -> None:
-    """The norm's own init (WN's data-dependent one) on one batch of --init_images training images."""
-    if args.init_images > data.train_images:
-        raise flag_error("--init_images", f"must be at most {data.train_images}, the training images, "
-                                          f"got {args.init_images}")
+    """The norm's own init: WN's data-dependent one on one batch of --init_images training images, sws's
+    residual scaling on none."""
+    def images():
+        if args.init_images > data.train_images:
+            raise flag_error("--init_images", f"must be at most {data.train_images}, the training images, "
+                                              f"got {args.init_images}")
+        return data.train.init_batch(args.init_images)[0].to(ctx.device)
+
     try:
-        norm.init(model, data.train.init_batch(args.init_images)[0].to(ctx.device), args.wn_residual_scale)
+        norm.init(model, images, args.residual_scale)
     except RuntimeError as e:  # torch.OutOfMemoryError on CUDA; a plain RuntimeError from the CPU's allocator
         if not (isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e)):
             raise
@@ -289,7 +314,8 @@ def build(args, ctx: runtime.Context, data) -> Run:
     optimizer = make_optimizer(model, args, ctx.device)
     probe = ctx.to_device(*data.train.init_batch(PROBE_IMAGES)) if args.layer_stats else None
     stats = LayerStats(model, weight_layers(model), blocks(model), probe, ctx.autocast)
-    return Run(model, train_model, optimizer, make_scheduler(optimizer, args, len(data.train)), stats, params, flops)
+    return Run(model, train_model, optimizer, make_scheduler(optimizer, args, len(data.train)), stats,
+               make_agc(model, args), params, flops)
 
 
 # -----------------------------------------------------------------------------
