@@ -121,7 +121,7 @@ def ours(args, ctx: runtime.Context, data) -> tuple:
     name = (f"ours: device-resident data, {'bf16' if args.bf16 and ctx.device.type == 'cuda' else 'fp32'}, "
             f"{'channels_last' if ctx.memory_format == torch.channels_last else 'contiguous'}, "
             f"compile={cls.compile_mode(args, ctx.device, ctx.world)}")
-    step = partial(cls.train_step, run.train_model, run.optimizer, run.scheduler, autocast=ctx.autocast)
+    step = partial(cls.train_step, run.train_model, run.optimizer, run.scheduler, autocast=ctx.autocast, agc=run.agc)
     return Pipeline(name, step, forever(data.train, ctx.to_device)), run
 
 

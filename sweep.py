@@ -56,7 +56,7 @@ class Config:
     @property
     def files(self) -> RunRecord:
         """Its record, to read: this process writes none of its files."""
-        return RunRecord(self.args.results_dir, self.name, cls.DEFAULTS, enabled=False)
+        return RunRecord(self.args.results_dir, self.name, cls.DEFAULTS, enabled=False, renamed=cls.RENAMED_FLAGS)
 
 
 def parse(argv=None) -> tuple:

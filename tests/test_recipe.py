@@ -39,9 +39,11 @@ def test_weight_decay_goes_to_conv_and_linear_weights_only(norm, flags, kind, de
         module_name, leaf = name.rsplit(".", 1)
         module = model.get_submodule(module_name)
         weight = leaf == "v" or (leaf == "weight" and isinstance(module, (nn.Conv2d, nn.Linear)))
-        # Decayed: conv and linear weights, and WN's v under AdamW. Never: WN's g, biases, BatchNorm's and
-        # GroupNorm's affines, the mean-only BN's bias, nor v under Adam's coupled L2.
-        expected = decay if weight and not (leaf == "v" and kind is torch.optim.Adam) else 0.0
+        own_gain = any(hasattr(module, gain) for gain in ("g", "gain"))  # WN's g, scaled WS's gain
+        # Decayed: conv and linear weights (WS's raw weight among them), and WN's v under AdamW. Never: WN's g,
+        # scaled WS's gain, biases, BatchNorm's and GroupNorm's affines, the mean-only BN's bias, nor, under
+        # Adam's coupled L2, the weight of a layer with its own gain (WN's v, scaled WS's weight).
+        expected = decay if weight and not (own_gain and kind is torch.optim.Adam) else 0.0
         assert got[id(p)] == expected, name
 
 

@@ -302,7 +302,7 @@ def test_results_say_how_they_were_made(uninterrupted):
     assert saved["device_name"] == summary.device == "cpu" and summary.cuda_version == ""
     for flag in cls.DEFINING_FLAGS:  # by flag name, in both
         assert flag in saved and flag in summary.index, flag
-    assert {"wn_residual_scale", "init_images", "bf16", "sync_bn"} <= set(cls.DEFINING_FLAGS)
+    assert {"residual_scale", "init_images", "bf16", "sync_bn", "agc", "lr_scaling"} <= set(cls.DEFINING_FLAGS)
     assert saved["status"] == "finished" and saved["data_fingerprint"]
 
 

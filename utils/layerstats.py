@@ -8,9 +8,10 @@ import torch.nn.functional as F
 # One row per weight layer (kind "conv" or "linear") and per block (the stem and every residual block, kind
 # "block", which has only the activation columns). Norms are over the whole tensor.
 LAYER_COLUMNS = ["epoch", "layer", "kind",
-                 "weight_norm",  # ||w||, the effective weight (for WN: g v / ||v||)
-                 "v_norm", "g_mean", "g_min",  # WN only: ||v||, and WN's per-channel gains
-                 "grad_norm",  # ||dL/d(direction)|| on the probe batch: of v for WN, of the weight otherwise
+                 "weight_norm",  # ||w||, the weight the layer applies (WN: g v / ||v||; WS: standardized)
+                 "v_norm",  # ||v||, the direction a WN or WS layer reparameterizes; empty for the others
+                 "g_mean", "g_min",  # the layer's own per-channel gains (WN's g, scaled WS's gain), or empty
+                 "grad_norm",  # ||dL/d(direction)|| on the probe batch: of v for WN, of the raw weight otherwise
                  "rel_change",  # ||w - w_prev|| / ||w_prev||, w_prev the weight at the previous epoch's end
                  "act_mean", "act_std"]  # of the module's output on the probe batch
 
@@ -32,7 +33,7 @@ class LayerStats:
 
     @torch.no_grad()
     def weights(self) -> dict:
-        return {name: layer.module.weight.detach().float().clone() for name, layer in self.layers.items()}
+        return {name: layer.weight().detach().float().clone() for name, layer in self.layers.items()}
 
     def _forward_backward(self) -> tuple:
         """({name: output mean and std (2,)}, [dL/d(direction) of each layer]) on the probe batch."""
@@ -79,7 +80,7 @@ class LayerStats:
         columns = {  # name -> (layers,) or, for the activations, (layers + blocks,)
             "weight_norm": torch.stack(norm(w)), "grad_norm": torch.stack(norm(grads)),
             "rel_change": torch.stack(norm(torch._foreach_sub(w, ref))) / torch.stack(norm(ref)),
-            "v_norm": torch.stack([wl.direction.float().norm() if wl.gain is not None else nan for wl in layers]),
+            "v_norm": torch.stack([wl.direction.float().norm() if wl.reparameterized else nan for wl in layers]),
             "g_mean": torch.stack([wl.gain.float().mean() if wl.gain is not None else nan for wl in layers]),
             "g_min": torch.stack([wl.gain.float().min() if wl.gain is not None else nan for wl in layers]),
             "act_mean": torch.stack([acts[name][0] for name in [*self.layers, *self.blocks]]),
@@ -87,7 +88,7 @@ class LayerStats:
         self.reference = weights
         blocks = nan.expand(len(self.blocks))  # a block has no weight of its own
         table = torch.stack([v if len(v) > len(w) else torch.cat([v, blocks]) for v in columns.values()], dim=1)
-        kinds = ["linear" if wl.module.weight.dim() == 2 else "conv" for wl in layers] + ["block"] * len(self.blocks)
+        kinds = ["linear" if wl.direction.dim() == 2 else "conv" for wl in layers] + ["block"] * len(self.blocks)
         rows = [{"epoch": epoch, "layer": name, "kind": kind, **dict(zip(columns, values))}
                 for name, kind, values in zip([*self.layers, *self.blocks], kinds, table.tolist())]  # one host copy
         order = {name: i for i, (name, _) in enumerate(self.model.named_modules())}
