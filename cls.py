@@ -313,8 +313,8 @@ def initialize(norm, model: nn.Module, args, data, ctx: runtime.Context) -> Opti
     except RuntimeError as e:  # torch.OutOfMemoryError on CUDA; a plain RuntimeError from the CPU's allocator
         if not (isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e)):
             raise
-        raise flag_error("--init_images", f"{used[0]} images do not fit in the memory of {ctx.device} in one "
-                                          f"batch; use fewer") from None
+        raise flag_error("--init_images", f"{used[0] if used else 'the'} init images do not fit in the memory of "
+                                          f"{ctx.device} in one batch; use fewer") from None
     return used[0] if used else None
 
 
