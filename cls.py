@@ -1,8 +1,9 @@
-"""Train and evaluate a ResNet or ResNeXt classifier with bn, in, wn, wn_mbn or gn as its normalization.
+"""Train and evaluate a ResNet or ResNeXt classifier with bn, in, wn, wn_mbn, gn, ws_gn or sws as its normalization.
 
 Examples:
     python cls.py                                          # ResNet-18, bn, CIFAR-10, batch 32, 90 epochs
     python cls.py --norm_type wn                           # weight normalization, the same recipe
+    python cls.py --norm_type sws --agc 0.01               # NF-ResNet's conv and adaptive gradient clipping
     python cls.py --data_name cifar100 --batch_size 2
     python cls.py --backbone_type resnext50 --norm_type wn_mbn --epochs 30
     python cls.py --optimizer adam --lr_schedule step --weight_decay 5e-4 --warmup_epochs 0   # the original's recipe
@@ -29,6 +30,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -36,6 +38,7 @@ import torch.nn.functional as F
 
 from model import MODELS, NORMS, blocks, build_model, count_params_flops, weight_layers
 from utils import runtime
+from utils.agc import AGC_OFF, AdaptiveGradClip
 from utils.board import Board, board_folder
 from utils.cli import (ArgumentParser, RunDiverged, UserError, at_least, auto_or_natural_float, flag_error,
                        natural_float, natural_int, positive_float, positive_int, run_cli)
@@ -87,9 +90,13 @@ def make_parser() -> ArgumentParser:
     p.add_argument("--init_images", default=None, type=at_least(2),
                    help="wn, wn_mbn: training images in the data-dependent init's one batch, at least 2 "
                         "(default: 512, or every training image where there are fewer; recorded as used)")
-    p.add_argument("--wn_residual_scale", default="auto", type=auto_or_natural_float,
-                   help="wn, wn_mbn: after the init, scale the last layer of every residual branch by this; "
+    p.add_argument("--residual_scale", "--wn_residual_scale", dest="residual_scale", default="auto",
+                   type=auto_or_natural_float,
+                   help="wn, wn_mbn, sws: after the init, scale the last layer of every residual branch by this; "
                         "auto: 1/(blocks in its stage)")
+    p.add_argument("--agc", default=0.0, type=natural_float,
+                   help="adaptive gradient clipping: each output unit's gradient to at most this times its "
+                        "weight, on every weight but the final linear's (docs/norms-family.md); 0: off")
     p.add_argument("--subset", default=0, type=natural_int,
                    help="train on a fixed random N training images and test on N test images (0: all)")
     # where and how it runs; a resumed run may change these
@@ -108,6 +115,10 @@ def make_parser() -> ArgumentParser:
                    help="torch.compile mode; auto: reduce-overhead (CUDA graphs) on one CUDA device, else off")
     p.add_argument("--sync_bn", action="store_true", help="under torchrun, BatchNorm statistics over all ranks")
     return p
+
+
+# Flags renamed since runs were first recorded, {old dest: new dest}: what an older args.json calls today's.
+RENAMED_FLAGS = {"wn_residual_scale": "residual_scale"}
 
 
 def parse_args(argv=None, parser=None) -> argparse.Namespace:
@@ -138,13 +149,14 @@ SYNC_EVERY = 25  # steps between the host syncs that look for NaN and signals, a
 # -----------------------------------------------------------------------------
 # one train step, one epoch, one evaluation
 
-def train_step(model, optimizer, scheduler, x, y, autocast) -> tuple:
+def train_step(model, optimizer, scheduler, x, y, autocast, agc=AGC_OFF) -> tuple:
     """One step on a batch: (the mean loss, correct top-1), both left on the device."""
     with autocast:
         logits = model(x)
         loss = F.cross_entropy(logits, y)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    agc.clip()
     optimizer.step()
     scheduler.step()
     return loss.detach(), topk_correct(logits.detach(), y, ks=(1,))[0]
@@ -164,7 +176,7 @@ def train_one_epoch(run: "Run", loader, progress: Progress, ctx: runtime.Context
     try:
         for x, y in loader:
             loss, correct = train_step(run.train_model, run.optimizer, run.scheduler, *ctx.to_device(x, y),
-                                       ctx.autocast)
+                                       ctx.autocast, run.agc)
             progress.loss += loss.float() * len(y)
             progress.correct += correct
             progress.images += len(y)
@@ -206,11 +218,12 @@ def peak_lr(args, world: int) -> float:
 def make_optimizer(model: nn.Module, args, lr: float, device: torch.device) -> torch.optim.Optimizer:
     """AdamW (decoupled decay, Loshchilov & Hutter 2019) or Adam (L2 added to the gradient, the original's),
     with parameters grouped by role as timm's param_groups_weight_decay: the decay acts on conv and linear
-    weights (WN's v among them), never on gains (WN's g, norm affines) or biases, as DeepMind's NFNet
-    optimizer. Under Adam's coupled L2, WN's v is left undecayed too: w depends on v / ||v|| only, so L2
+    weights (WN's v and WS's raw weight among them), never on gains (WN's g, scaled WS's gain, norm affines)
+    or biases, as DeepMind's NFNet optimizer. Under Adam's coupled L2, the weight of a layer with its own gain
+    (WN's v, scaled WS's weight) is left undecayed too: w depends on v / ||v|| only, so L2
     changes nothing the loss sees, and Adam scales it to a step of about lr per element, which collapses
     ||v|| where the loss gives v no gradient (g = 0) and makes the gradient through g v / ||v|| explode
-    once g moves: WN's NaN in issue 11 (README "Training recipe")."""
+    once g moves: WN went NaN this way on an H100 (docs/recipe.md)."""
     decayed = {id(layer.direction) for layer in weight_layers(model).values()
                if args.optimizer == "adamw" or layer.gain is None}
     params = list(model.parameters())
@@ -218,6 +231,14 @@ def make_optimizer(model: nn.Module, args, lr: float, device: torch.device) -> t
               {"params": [p for p in params if id(p) not in decayed], "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.Adam
     return optimizer(groups, lr=lr, fused=device.type == "cuda")
+
+
+def make_agc(model: nn.Module, args) -> AdaptiveGradClip:
+    """AGC (--agc) on every conv's weight tensor, WN's v and WS's raw weight among them, by role as the
+    optimizer's groups: not on gains, biases or norm affines, and never on the final linear, which Brock et
+    al. 2021b (section 4.1) found better left unclipped."""
+    layers = weight_layers(model).values()
+    return AdaptiveGradClip([layer.direction for layer in layers if layer.module is not model.fc], args.agc)
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
@@ -239,9 +260,9 @@ def make_scheduler(optimizer, args, steps_per_epoch: int) -> torch.optim.lr_sche
 
 
 def compile_mode(args, device: torch.device, world: int = 1) -> str:
-    # On CUDA an eager step is bound by the host launching kernels (~12 ms at batch 32 and at 128 on an H100,
-    # issue 12), which CUDA graphs remove; the last, smaller batch of an epoch records a second graph once.
-    # Under DDP, graphs have crashed (pytorch issue 128218), so there they wait for an explicit
+    # On CUDA an eager step is bound by the host launching kernels (~12 ms at batch 32 and at 128 on an H100),
+    # which CUDA graphs remove; the last, smaller batch of an epoch records a second graph once.
+    # Under DDP, graphs have crashed (pytorch/pytorch#128218), so there they wait for an explicit
     # --compile reduce-overhead. On the CPU compiling costs minutes and gains little.
     if args.compile != "auto":
         return args.compile
@@ -257,9 +278,10 @@ class Run:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     layer_stats: LayerStats
+    agc: AdaptiveGradClip
     params: int
     flops: int
-    init_images: int  # the data-dependent init's batch, as used (0 for norms without one)
+    init_images: Optional[int]  # the data-dependent init's batch, as used (None for norms without one)
 
     def state(self, progress: Progress, ctx: runtime.Context) -> dict:
         """Everything a resume needs besides the record's history: collective under DDP."""
@@ -277,21 +299,28 @@ class Run:
         return progress
 
 
-def initialize(norm, model: nn.Module, args, data, ctx: runtime.Context) -> int:
-    """The norm's own init (WN's data-dependent one) on one batch of training images; returns its size."""
-    n = args.init_images or min(INIT_IMAGES, data.train_images)
-    if n > data.train_images:
-        raise flag_error("--init_images", f"must be at most {data.train_images}, the training images, got {n}")
+def initialize(norm, model: nn.Module, args, data, ctx: runtime.Context) -> Optional[int]:
+    """The norm's own init: WN's data-dependent one on one batch of training images, sws's residual scaling on
+    none. Returns the number of images it used; None where it asked for none."""
+    used = []
+
+    def images() -> torch.Tensor:
+        n = args.init_images or min(INIT_IMAGES, data.train_images)
+        if n > data.train_images:
+            raise flag_error("--init_images", f"must be at most {data.train_images}, the training images, got {n}")
+        used.append(n)
+        return data.train.init_batch(n)[0].to(ctx.device)
+
     try:
-        norm.init(model, data.train.init_batch(n)[0].to(ctx.device), args.wn_residual_scale)
+        norm.init(model, images, args.residual_scale)
     except ValueError as e:  # a channel with no spread on this batch: g = 1/std would be infinite
-        raise flag_error("--init_images", f"{e} on the init batch of {n} images; use more images") from None
+        raise flag_error("--init_images", f"{e} on the init batch of {used[0]} images; use more images") from None
     except RuntimeError as e:  # torch.OutOfMemoryError on CUDA; a plain RuntimeError from the CPU's allocator
         if not (isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e)):
             raise
-        raise flag_error("--init_images", f"{n} images do not fit in the memory of {ctx.device} in one batch; "
-                                          f"use fewer") from None
-    return n
+        raise flag_error("--init_images", f"{used[0]} images do not fit in the memory of {ctx.device} in one "
+                                          f"batch; use fewer") from None
+    return used[0] if used else None
 
 
 def build(args, ctx: runtime.Context, data) -> Run:
@@ -301,7 +330,7 @@ def build(args, ctx: runtime.Context, data) -> Run:
     params, flops = count_params_flops(model, DATASETS[args.data_name].image_size)
     model.to(ctx.device)
     # before DDP wraps the model, whose constructor hands every rank rank 0's values
-    init_images = initialize(norm, model, args, data, ctx) if norm.init else 0
+    init_images = initialize(norm, model, args, data, ctx) if norm.init else None
     if args.sync_bn and ctx.world > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(ctx.device, memory_format=ctx.memory_format)
@@ -315,8 +344,8 @@ def build(args, ctx: runtime.Context, data) -> Run:
     optimizer = make_optimizer(model, args, peak_lr(args, ctx.world), ctx.device)
     probe = ctx.to_device(*data.train.init_batch(PROBE_IMAGES)) if args.layer_stats else None
     stats = LayerStats(model, weight_layers(model), blocks(model), probe, ctx.autocast)
-    return Run(model, train_model, optimizer, make_scheduler(optimizer, args, len(data.train)), stats, params, flops,
-               init_images)
+    return Run(model, train_model, optimizer, make_scheduler(optimizer, args, len(data.train)), stats,
+               make_agc(model, args), params, flops, init_images)
 
 
 # -----------------------------------------------------------------------------
@@ -356,7 +385,7 @@ def head(args, ctx: runtime.Context, data=None, run: Run = None) -> dict:
     return {"name": args.name, **{k: v for k, v in vars(args).items() if k != "name"},
             "device": str(ctx.device), "compile": compile_mode(args, ctx.device, ctx.world), "world_size": ctx.world,
             "peak_lr": peak_lr(args, ctx.world),
-            "init_images": run.init_images if run else args.init_images,
+            "init_images_used": run.init_images if run else None,
             "data_fingerprint": data.fingerprint if data else None, "train_images": data.train_images if data else None,
             "params": run.params if run else None, "flops": run.flops if run else None, **provenance(ctx.device_name)}
 
@@ -394,7 +423,7 @@ def train(args, ctx: runtime.Context, record: RunRecord) -> None:
 def main(args: argparse.Namespace) -> None:
     """One run: trained from the start, resumed from its checkpoint, or left alone if it is a result already."""
     ctx = runtime.setup(args)
-    with RunRecord(args.results_dir, args.name, DEFAULTS, ctx.is_main, args.keep_checkpoint) as record:
+    with RunRecord(args.results_dir, args.name, DEFAULTS, ctx.is_main, args.keep_checkpoint, RENAMED_FLAGS) as record:
         status = record.status()
         if status and not args.resume:
             raise UserError(f"{args.name} already has results in {args.results_dir}; pass --resume to continue "

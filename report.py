@@ -4,6 +4,7 @@
     python report.py --readme README.md       # also replace the README's results section with the table
     python report.py --all                    # keep subset and short runs in the table too
     python report.py --architecture architecture.png   # only redraw the architecture figure
+    python report.py --rebuild_summary        # summary.csv's rows anew from every run's own files first
 
 Reads summary.csv and the per-run CSVs that cls.py writes, and the original README's table
 (results/original_readme.csv). Runs that differ only in --seed form one row: the mean and sample standard
@@ -39,7 +40,7 @@ from utils.cli import ArgumentParser, UserError, positive_int, run_cli
 from utils.data import DATASETS
 from utils.layerstats import LAYER_COLUMNS
 from utils.metrics import human
-from utils.runfiles import EPOCH_COLUMNS, RESULT_COLUMNS, read_csv, read_summary
+from utils.runfiles import EPOCH_COLUMNS, RESULT_COLUMNS, read_csv, read_summary, rebuild_summary
 
 
 LABELS = {"data": {k: d.label for k, d in DATASETS.items()}, "backbone": {k: m.label for k, m in MODELS.items()},
@@ -327,10 +328,14 @@ def main(argv=None) -> None:
     p.add_argument("--min_epochs", default=10, type=positive_int, help="shorter runs stay out of the table")
     p.add_argument("--all", action="store_true", help="keep subset, narrow and short runs in the table")
     p.add_argument("--architecture", default=None, help="only draw the architecture figure to this path")
+    p.add_argument("--rebuild_summary", action="store_true",
+                   help="first rewrite every run's row of summary.csv from the run's own files")
     args = p.parse_args(argv)
     if args.architecture:
         return plots.draw_architecture(Path(args.architecture))
     results = Path(args.results_dir)
+    if args.rebuild_summary:
+        print(f"rebuilt the rows of {rebuild_summary(results, cls.DEFAULTS)} runs in {results / 'summary.csv'}")
     df = load(results)
     if df.empty:
         raise UserError(f"no runs in {results / 'summary.csv'}; run cls.py or sweep.py first")

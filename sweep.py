@@ -9,7 +9,7 @@ Examples:
 The four grid flags take several values; every other flag is cls.py's and goes to every run unchanged.
 With --jobs 1 the configurations run one after another in this process (under torchrun, each on all the
 processes). With --jobs N, N of them run at once, each as its own cls.py process on the same device, with
-its output in {results_dir}/{run}.log: small batches leave most of a GPU idle (issue 12: six batch-32
+its output in {results_dir}/{run}.log: small batches leave most of a GPU idle (on an H100, six batch-32
 runs on one H100 took 270 s together, about 100 s each alone). --jobs auto picks N from the free GPU memory.
 """
 from utils.cli import exit_on_ctrl_c
@@ -56,7 +56,7 @@ class Config:
     @property
     def files(self) -> RunRecord:
         """Its record, to read: this process writes none of its files."""
-        return RunRecord(self.args.results_dir, self.name, cls.DEFAULTS, enabled=False)
+        return RunRecord(self.args.results_dir, self.name, cls.DEFAULTS, enabled=False, renamed=cls.RENAMED_FLAGS)
 
 
 def parse(argv=None) -> tuple:
@@ -120,8 +120,9 @@ class Child:
 
 
 class Children:
-    """The cls.py processes of a parallel sweep. Each runs in its own session, so that Ctrl-C reaches it
-    once, forwarded from here, and never twice (a second signal would stop it before its checkpoint)."""
+    """The cls.py processes of a parallel sweep. Each runs in a process group of its own (setsid), so that
+    Ctrl-C reaches it once, forwarded from here, and never twice (a second signal would stop it before its
+    checkpoint)."""
 
     def __init__(self, jobs: int):
         self.running, self.signum = [], 0

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import cls
+import report
 from conftest import NARROW, ROOT, RUN, run_cls_here, start_cls, write_cifar
 from model import build_model, data_dependent_init
 from utils.runfiles import DONE, RunRecord, read_summary, run_name, write_summary_row
@@ -109,7 +110,8 @@ def test_an_edited_or_removed_summary_never_retrains_a_finished_run(finished, ca
     status, out, err = run_cls_here(capsys, *args, "--resume")
     assert status == 0 and "already finished" in out, err
     after = files_of(results)
-    assert {k: v for k, v in after.items() if "summary" not in k} == {k: v for k, v in before.items() if "summary" not in k}
+    runs_files = lambda files: {k: v for k, v in files.items() if "summary" not in k}  # noqa: E731
+    assert runs_files(after) == runs_files(before)
     restored = pd.read_csv(summary).set_index("name").loc[name]
     original = pd.read_csv(pd.io.common.StringIO(before["summary.csv"].decode())).set_index("name").loc[name]
     assert restored.drop("final_top5").equals(original.drop("final_top5"))
@@ -283,8 +285,9 @@ def test_init_images_defaults_to_every_image_where_there_are_fewer_and_is_record
     status, _, err = run_cls_here(capsys, "--data_path", str(data), "--norm_type", "wn", "--epochs", "1",
                                   "--results_dir", str(tmp_path))
     assert status == 0, err
-    assert json.loads(next(tmp_path.glob("*_args.json")).read_text())["init_images"] == 40
-    assert pd.read_csv(tmp_path / "summary.csv").init_images.tolist() == [40]
+    saved = json.loads(next(tmp_path.glob("*_args.json")).read_text())
+    assert (saved["init_images"], saved["init_images_used"]) == (None, 40)  # as given, and as used
+    assert pd.read_csv(tmp_path / "summary.csv").init_images_used.tolist() == [40]
 
 
 # -----------------------------------------------------------------------------
@@ -299,15 +302,15 @@ def test_results_say_how_they_were_made(uninterrupted):
     assert saved["device_name"] == summary.device == "cpu" and summary.cuda_version == ""
     for flag in cls.DEFINING_FLAGS:  # by flag name, in both
         assert flag in saved and flag in summary.index, flag
-    assert {"wn_residual_scale", "init_images", "bf16", "sync_bn"} <= set(cls.DEFINING_FLAGS)
+    assert {"residual_scale", "init_images", "bf16", "sync_bn", "agc", "lr_scaling"} <= set(cls.DEFINING_FLAGS)
     assert saved["status"] == "finished" and saved["data_fingerprint"]
 
 
-def test_the_summary_can_be_rebuilt_from_the_runs_files(finished):
-    from utils.runfiles import rebuild_summary
+def test_the_summary_can_be_rebuilt_from_the_runs_files(finished, capsys):
     results, _, name, before = finished
     (results / "summary.csv").unlink()
-    assert rebuild_summary(results, cls.DEFAULTS) == 1
+    report.main(["--results_dir", str(results), "--rebuild_summary", "--all"])
+    assert "rebuilt the rows of 1 runs" in capsys.readouterr().out
     assert (results / "summary.csv").read_bytes() == before["summary.csv"]
 
 

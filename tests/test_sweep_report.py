@@ -72,7 +72,8 @@ def parallel(tmp_path_factory, data):
     results = tmp_path_factory.mktemp("parallel")
     args = ["--norm_type", "bn", "in", "--batch_size", "8", "--jobs", "2", "--epochs", "8", "--data_path",
             str(data), "--results_dir", str(results)]
-    names = [cls.parse_args([*NARROW, "--norm_type", norm, "--batch_size", "8", "--epochs", "8"]).name for norm in ("bn", "in")]
+    names = [cls.parse_args([*NARROW, "--norm_type", norm, "--batch_size", "8", "--epochs", "8"]).name
+             for norm in ("bn", "in")]
     first = sweep(*args)
     wait_until(lambda: len(summary_of(results)) == 2, first)  # both have finished an epoch
     first.send_signal(signal.SIGINT)

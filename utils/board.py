@@ -28,8 +28,9 @@ class Board:
     its checkpoint leaves behind, so every curve holds each step once. A run that starts from its first step
     hides all earlier points.
 
-    progress: where the run starts; layers: {name: model.WeightLayer}, whose WN gains (g) it draws as
-    histograms; recipe: args.json's head, which a run that starts from its first step shows as a table."""
+    progress: where the run starts; layers: {name: model.WeightLayer}, whose own per-channel gains (WN's g,
+    scaled WS's gain) it draws as histograms; recipe: args.json's head, which a run that starts from its first
+    step shows as a table."""
 
     def __init__(self, path: Path, enabled: bool, steps_per_epoch: int, progress: Progress, layers: dict,
                  recipe: dict):
@@ -75,7 +76,7 @@ class Board:
     def epoch(self, row, layer_rows: list) -> None:
         """At the end of epoch row.epoch: its test metrics (a runfiles.EpochRow), the layer statistics as one
         scalar per statistic and layer (LAYER_COLUMNS; no point where a layer has no such value), and the
-        distribution of each WN layer's g over its output channels."""
+        distribution of each layer's own gain over its output channels."""
         if not self.enabled:
             return
         step = row.epoch * self.steps_per_epoch

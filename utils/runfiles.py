@@ -45,8 +45,9 @@ class EpochRow:
 
 EPOCH_COLUMNS = [f.name for f in fields(EpochRow)]
 CONFIG_COLUMNS = ["data_name", "backbone_type", "norm_type", "batch_size"]  # the original's name of a run
-RESULT_COLUMNS = ["world_size", "peak_lr", "epochs_done", "status", "params_m", "flops", "best_top1", "best_top5",
-                  "final_top1", "final_top5", "device", "git_commit", "torch_version", "cuda_version"]
+RESULT_COLUMNS = ["world_size", "peak_lr", "init_images_used", "epochs_done", "status", "params_m", "flops",
+                  "best_top1", "best_top5", "final_top1", "final_top5", "device", "git_commit", "torch_version",
+                  "cuda_version"]
 DONE = ("finished", "diverged")  # statuses that are results: never trained again
 SPELLED_OUT = 3  # a name spells out at most this many flags that differ from the defaults, else a hash
 
@@ -224,12 +225,13 @@ class RunRecord:
     Used as a context manager, it holds the run's lock: one process trains a run. With enabled=False (DDP ranks
     other than 0) it reads but never writes or locks, so the training loop needs no rank checks.
 
-    defaults: {flag: parser default} of every flag that defines a run. head: the args.json being written:
-    every flag as used, with world_size, data_fingerprint, params, flops and provenance."""
+    defaults: {flag: parser default} of every flag that defines a run; renamed: {old flag: new flag}, for files
+    written before a flag was renamed. head: the args.json being written: every flag as used, with world_size,
+    data_fingerprint, params, flops and provenance."""
 
     def __init__(self, results_dir: str, name: str, defaults: dict, enabled: bool = True,
-                 keep_checkpoint: bool = False):
-        self.dir, self.name, self.defaults = Path(results_dir), name, defaults
+                 keep_checkpoint: bool = False, renamed: Optional[dict] = None):
+        self.dir, self.name, self.defaults, self.renamed = Path(results_dir), name, defaults, renamed or {}
         self.enabled, self.keep_checkpoint = enabled, keep_checkpoint
         self.statistics, self.layers_csv = self.dir / f"{name}_statistics.csv", self.dir / f"{name}_layers.csv"
         self.args, self.checkpoint = self.dir / f"{name}_args.json", self.dir / f"{name}_checkpoint.pth"
@@ -284,14 +286,18 @@ class RunRecord:
     def saved(self) -> Optional[dict]:
         """The run's head: args.json, or where that is gone, the arguments its checkpoint or weights carry."""
         if self.args.exists():
-            return read_json(self.args)
+            return self._current(read_json(self.args))
         for path, what in ((self.checkpoint, "checkpoint"), (self.weights, "weights file")):
             if path.exists():
-                return read_torch(path, "cpu", what)["args"]
+                return self._current(read_torch(path, "cpu", what)["args"])
         if self.statistics.exists():
             raise UserError(f"{self.statistics} has no {self.args.name}, checkpoint or weights beside it, so "
                             f"nothing says how it was made; move {self.dir / self.name}_* away to train it again")
         return None
+
+    def _current(self, saved: dict) -> dict:
+        """saved, with today's names for renamed flags."""
+        return {self.renamed.get(k, k): v for k, v in saved.items()}
 
     def status(self) -> Optional[str]:
         """finished, diverged or incomplete, from the run's files; None if it has none."""
@@ -333,7 +339,7 @@ class RunRecord:
             self.check(head, saved)
         state = None
         if checkpoint is not None:
-            self.check(head, checkpoint["args"], self.checkpoint)
+            self.check(head, self._current(checkpoint["args"]), self.checkpoint)
             state = checkpoint["state"]
             self.epochs = [EpochRow(**row) for row in checkpoint["history"]]
             self.layers = checkpoint["layer_history"]
@@ -376,7 +382,8 @@ class RunRecord:
         """This run's summary row, rewritten from its files (after summary.csv was edited or moved away)."""
         if self.enabled:
             stats = read_csv(self.statistics, EPOCH_COLUMNS)
-            write_summary_row(self.summary, summary_row({"name": self.name, **self.saved()}, stats, list(self.defaults)))
+            row = summary_row({"name": self.name, **self.saved()}, stats, list(self.defaults))
+            write_summary_row(self.summary, row)
 
     # -------------------------------------------------------------------------
 
