@@ -1,4 +1,4 @@
-"""ResNet-18/34/50 and ResNeXt-50 with a pluggable normalization: bn, in, wn, wn_mbn or gn.
+"""ResNet-18/34/50 and ResNeXt-50 with a pluggable normalization: bn, in, wn, wn_mbn, gn, ws_gn or sws.
 
 The network never asks which norm it has. `NORMS` holds, for each --norm_type, everything a norm needs: the
 three factories that `build_model` threads through the stem, the blocks and the downsample path (as
@@ -7,9 +7,11 @@ torchvision's resnet.py does with `norm_layer`), its label in tables and plots, 
     norm_layer(channels) -> module
     linear_layer(in_features, out_features) -> module
 Weight normalization (Salimans & Kingma 2016) changes the conv itself, so `wn` swaps in `WNConv2d` as the
-conv factory and `nn.Identity` as the norm; the blocks have no branch for it. Adding a norm is one entry.
+conv factory and `nn.Identity` as the norm; the blocks have no branch for it, and neither do weight
+standardization's convs (ws_gn, sws). Adding a norm is one entry.
 """
 import copy
+import math
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Optional
@@ -21,16 +23,59 @@ import torch.nn.functional as F
 
 
 # -----------------------------------------------------------------------------
+# the layers by role: the optimizer's decay, AGC, the residual scaling and the layer statistics read these
+
+@dataclass(frozen=True)
+class WeightLayer:
+    """A conv or linear, plain or reparameterized (WN, WS, scaled WS), by the roles of its parameters."""
+    module: nn.Module
+    # The weight tensor the optimizer decays and AGC clips: v for WN, the raw weight for WS, weight otherwise.
+    direction: nn.Parameter
+    # The layer's own per-output-channel gain, (out,): WN's g, scaled WS's gain. None for the others, whose
+    # gain, if any, is the norm's affine after them.
+    gain: Optional[nn.Parameter]
+
+    @property
+    def reparameterized(self) -> bool:
+        """Whether the layer applies a function of `direction` rather than `direction` itself."""
+        return isinstance(self.module, Reparameterized)
+
+    def weight(self) -> torch.Tensor:
+        """The weight the layer applies: g v / ||v|| for WN, the standardized weight for WS, weight otherwise."""
+        return self.module.effective_weight() if self.reparameterized else self.direction
+
+
+class Reparameterized:
+    """Base of the convs and linears whose forward applies a function of their parameters as the weight."""
+
+    def roles(self) -> WeightLayer:
+        raise NotImplementedError
+
+    def effective_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def weight_layer(module: nn.Module) -> WeightLayer:
+    return module.roles() if isinstance(module, Reparameterized) else WeightLayer(module, module.weight, None)
+
+
+def weight_layers(model: nn.Module) -> dict:
+    """{name: WeightLayer} for every conv and linear, in forward order."""
+    return {name: weight_layer(m) for name, m in model.named_modules()
+            if isinstance(m, (nn.Conv2d, nn.Linear, Reparameterized))}
+
+
+# -----------------------------------------------------------------------------
 # weight normalization
 
-class WeightNormed(nn.Module):
+class WeightNormed(Reparameterized, nn.Module):
     """Base of the layers whose weight is w = g * v / sqrt(||v||^2 + eps) (Salimans & Kingma 2016, eq. 2).
 
     v has the plain layer's weight shape, (out, in/groups, kh, kw) or (out, in); g and bias are (out,).
     The norm runs over every dim but the output channel. g starts at ||v||, so at init w == v (to 1e-7) and
     the layer is its plain counterpart; the data-dependent init (section 3) overwrites g and bias later,
     which is why both are plain parameters here. eps keeps w and its gradient finite when ||v|| -> 0: the
-    plain v / ||v|| has a NaN gradient at v = 0 (pytorch issue 19126) and an unbounded one near it. At 1e-8
+    plain v / ||v|| has a NaN gradient at v = 0 (pytorch/pytorch#19126) and an unbounded one near it. At 1e-8
     it moves no weight of a Kaiming-initialized v (||v||^2 >= 0.09 in these nets) by more than 1e-7.
     """
     eps = 1e-8
@@ -57,6 +102,12 @@ class WeightNormed(nn.Module):
         sumsq = self._v_sumsq()
         scale = self.g.to(sumsq.dtype).view_as(sumsq) * torch.rsqrt(sumsq + self.eps)
         return (self.v.to(sumsq.dtype) * scale).to(self.v.dtype)
+
+    def effective_weight(self) -> torch.Tensor:
+        return self.weight
+
+    def roles(self) -> WeightLayer:
+        return WeightLayer(self, self.v, self.g)
 
 
 class WNConv2d(WeightNormed):
@@ -88,6 +139,65 @@ class WNLinear(WeightNormed):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+# -----------------------------------------------------------------------------
+# weight standardization
+
+class StdConv2d(Reparameterized, nn.Conv2d):
+    """Weight Standardization (Qiao et al. 2019): the conv applies its weight standardized per output channel,
+    w = (v - mean v) / sqrt(var v + eps) over in/groups x kh x kw, v being the parameter `weight`, (out,
+    in/groups, kh, kw). Followed by GroupNorm (ws_gn), it uses no batch statistics: ResNet-50 at 23.72% top-1
+    error on ImageNet against BN's 23.6 and GN's 24.1 (joe-siyuan-qiao/pytorch-classification).
+
+    One F.batch_norm over v viewed as (1, out, fan_in) computes it, as timm's StdConv2d: one fused kernel
+    each way, in v's dtype (float32: autocast leaves batch_norm alone). v starts as bn's conv (torchvision's
+    Kaiming init): its scale changes nothing the conv computes, only the step size relative to it. eps sits
+    inside the square root, as timm's; at 1e-8 it moves no weight of these nets at init (var v >= 2e-4,
+    ResNeXt's last 3x3) by more than 3e-5, where timm's 1e-6 would move it by 0.23%."""
+    eps = 1e-8
+
+    def __init__(self, in_ch: int, out_ch: int, kernel_size: int, stride: int = 1, groups: int = 1,
+                 bias: bool = False):
+        super().__init__(in_ch, out_ch, kernel_size, stride, kernel_size // 2, groups=groups, bias=bias)
+        nn.init.kaiming_normal_(self.weight, mode="fan_out", nonlinearity="relu")
+
+    def channel_scale(self) -> Optional[torch.Tensor]:
+        """What multiplies each standardized output channel, (out,); None for 1."""
+        return None
+
+    def effective_weight(self) -> torch.Tensor:
+        w = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None, weight=self.channel_scale(),
+                         training=True, momentum=0.0, eps=self.eps)
+        return w.reshape_as(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.effective_weight(), self.bias)
+
+    def roles(self) -> WeightLayer:
+        return WeightLayer(self, self.weight, None)
+
+
+class ScaledStdConv2d(StdConv2d):
+    """Scaled Weight Standardization, the conv of NF-ResNets (Brock et al. 2021a, section 3):
+    w = gain * gamma * (v - mean v) / (std v * sqrt(fan_in)), fan_in = in/groups x kh x kw, gain (out,) learned
+    and starting at 1. With no activation norm, it keeps the signal's scale at init: for inputs relu(z),
+    z ~ N(0, s^2), a zero-mean row of variance gamma^2/fan_in gives outputs of variance
+    gamma^2 Var(relu(z)) = gamma^2 s^2 (1 - 1/pi) / 2 = s^2, with gamma = sqrt(2 / (1 - 1/pi)) = 1.71286
+    (DeepMind's and timm's 1.71396 is a sampled estimate of it). As in timm (ScaledStdConv2d, nfnet.py), every
+    conv has gamma, the stem's too, whose input is the image: its output std starts at gamma, its ReLU's at 1."""
+    gamma = math.sqrt(2 / (1 - 1 / math.pi))
+
+    def __init__(self, in_ch: int, out_ch: int, kernel_size: int, stride: int = 1, groups: int = 1,
+                 bias: bool = True):
+        super().__init__(in_ch, out_ch, kernel_size, stride, groups, bias)
+        self.gain = nn.Parameter(torch.ones(out_ch))
+
+    def channel_scale(self) -> torch.Tensor:
+        return self.gain * (self.gamma / math.sqrt(self.weight[0].numel()))
+
+    def roles(self) -> WeightLayer:
+        return WeightLayer(self, self.weight, self.gain)
 
 
 # -----------------------------------------------------------------------------
@@ -153,7 +263,8 @@ class Norm:
     conv_layer: Callable[..., nn.Module]
     norm_layer: Callable[[int], nn.Module]
     linear_layer: Callable[[int, int], nn.Module] = nn.Linear
-    # Run once before the first step, as init(model, images (B, 3, H, W), residual_scale).
+    # Run once before the first step, as init(model, images, residual_scale); images() loads the batch of
+    # training images (B, 3, H, W) a data-dependent init needs, and is called only by one that does.
     init: Optional[Callable[..., None]] = None
 
 
@@ -166,8 +277,13 @@ class Backbone:
     width_per_group: int = 64
 
 
-def wn_init(model: nn.Module, x: torch.Tensor, residual_scale) -> None:
-    data_dependent_init(model, x)
+def wn_init(model: nn.Module, images: Callable[[], torch.Tensor], residual_scale) -> None:
+    data_dependent_init(model, images())
+    scale_residual_branches(model, residual_scale)
+
+
+def sws_init(model: nn.Module, images: Callable[[], torch.Tensor], residual_scale) -> None:
+    """NF-ResNets' down-scaled residual branches (their alpha), as WN's init does them; no data needed."""
     scale_residual_branches(model, residual_scale)
 
 
@@ -178,6 +294,9 @@ NORMS = {
     "wn": Norm("WN", WNConv2d, no_norm, WNLinear, init=wn_init),
     "wn_mbn": Norm("WN+MBN", partial(WNConv2d, bias=False), MeanOnlyBatchNorm2d, WNLinear, init=wn_init),
     "gn": Norm("GN", conv2d, group_norm),
+    "ws_gn": Norm("WS+GN", StdConv2d, group_norm),
+    # No activation norm: every conv gets a bias and a gain where bn had BatchNorm's affine.
+    "sws": Norm("SWS", ScaledStdConv2d, no_norm, init=sws_init),
 }
 
 
@@ -186,7 +305,7 @@ NORMS = {
 
 class BasicBlock(nn.Module):
     expansion = 1
-    branch_end = "conv2"  # the last layer of the residual branch, scaled down at WN's init
+    branch_end = "conv2"  # the last layer of the residual branch, scaled down at WN's and sws's init
 
     def __init__(self, in_ch: int, planes: int, stride: int, downsample: nn.Module, norm: Norm,
                  groups: int = 1, width_per_group: int = 64):
@@ -289,21 +408,7 @@ def build_model(backbone_type: str, norm_type: str, num_classes: int, cifar_stem
 
 
 # -----------------------------------------------------------------------------
-# the layers by role: the optimizer's decay and the layer statistics read these
-
-@dataclass(frozen=True)
-class WeightLayer:
-    """A conv or linear, plain or WN, by the roles of its parameters."""
-    module: nn.Module
-    direction: nn.Parameter  # the weight tensor: v for WN, weight otherwise; the one weight decay acts on
-    gain: Optional[nn.Parameter]  # WN's g; None for a plain layer, whose gain, if any, is the norm's affine
-
-
-def weight_layers(model: nn.Module) -> dict:
-    """{name: WeightLayer} for every conv and linear, in forward order."""
-    return {name: WeightLayer(m, m.v, m.g) if isinstance(m, WeightNormed) else WeightLayer(m, m.weight, None)
-            for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear, WeightNormed))}
-
+# where the inits and the layer statistics act
 
 def wn_layers(model: nn.Module) -> list:
     return [m for m in model.modules() if isinstance(m, WeightNormed)]
@@ -318,19 +423,28 @@ def blocks(model: ResNet) -> dict:
 # -----------------------------------------------------------------------------
 # WN's initialization
 
+MIN_INIT_STD = 1e-6  # the outputs before a WN layer are standardized, so a real spread is of order 1
+
+
 @torch.no_grad()
 def data_dependent_init(model: nn.Module, x: torch.Tensor) -> None:
     """Salimans & Kingma 2016, section 3: in forward order, each WN layer sees the outputs of the layers
     before it, already initialized; with t = v·x/||v||, per output channel, it sets g = 1/std(t) and
     b = -mean(t)/std(t), so that its output starts at zero mean and unit variance. One forward pass does
-    it: a hook standardizes each layer's output before the next layer sees it."""
+    it: a hook standardizes each layer's output before the next layer sees it. Raises ValueError where a
+    channel has no spread on x."""
+    names = {m: name for name, m in model.named_modules()}
+
     def standardize(layer, inputs, output):
         layer.g.fill_(1.0)  # w = v / ||v||, up to eps
         if layer.bias is not None:
             layer.bias.zero_()
         t = layer.forward(*inputs).float()  # (B, C, H, W) or (B, C); forward() skips this hook
         dims = [0, *range(2, t.dim())]
-        mean, std = t.mean(dims), t.std(dims, correction=0) + 1e-8
+        mean, std = t.mean(dims), t.std(dims, correction=0)
+        flat = (std <= MIN_INIT_STD).nonzero().flatten().tolist()
+        if flat:  # g = 1/std would be infinite or huge: e.g. the final linear on a batch of one image
+            raise ValueError(f"{names[layer]} has no spread in {len(flat)} of its {len(std)} output channels")
         layer.g.copy_(1 / std)
         if layer.bias is not None:  # else a mean-only BN after the layer removes the mean
             layer.bias.copy_(-mean / std)
@@ -346,28 +460,31 @@ def data_dependent_init(model: nn.Module, x: torch.Tensor) -> None:
 
 @torch.no_grad()
 def scale_residual_branches(model: ResNet, scale="auto") -> None:
-    """Multiply the output of the last WN layer of every residual branch (its g and bias; never v) by
-    `scale`, or with "auto" by 1/(blocks in its stage): Arpit et al. 2019's init for WN ResNets
-    (victorcampos7/weightnorm-init, conv2_g_gain = 1/resblocks_per_stage). After the data-dependent init
-    each branch adds unit variance to the residual stream, which grows with depth; scaling the branches
-    down keeps it bounded. A scale of 0 (SkipInit, Fixup) is the worst of {0, 0.5, 1} on the GPU (issue 11:
-    ResNet-18, 15 epochs, 82.25 / 86.03 / 83.17% top-1); see README "Weight normalization at init"."""
+    """Multiply the output of the last layer of every residual branch by `scale` (its own gain and its bias:
+    WN's g, scaled WS's gain; never the direction), or with "auto" by 1/(blocks in its stage): Arpit et al.
+    2019's init for WN ResNets (victorcampos7/weightnorm-init, conv2_g_gain = 1/resblocks_per_stage). After
+    the data-dependent init each branch adds unit variance to the residual stream, which grows with depth;
+    scaling the branches down keeps it bounded. A scale of 0 (SkipInit, Fixup) is the worst of {0, 0.5, 1}
+    on an H100 (ResNet-18, 15 epochs, 82.25 / 86.03 / 83.17% top-1); see docs/norms.md. For sws,
+    docs/norms-family.md measures the same choice."""
     for stage in model.stages():
         s = 1 / len(stage) if scale == "auto" else float(scale)
         for block in stage:
-            end = getattr(block, block.branch_end)
-            if isinstance(end, WeightNormed):
-                end.g.mul_(s)
-                if end.bias is not None:
-                    end.bias.mul_(s)
+            end = weight_layer(getattr(block, block.branch_end))
+            if end.gain is not None:
+                end.gain.mul_(s)
+                if end.module.bias is not None:
+                    end.module.bias.mul_(s)
 
 
 # -----------------------------------------------------------------------------
 # parameters and FLOPs
 
-# thop picks a counter by exact type, so it counts our WN layers as 0 MACs unless told; they expose `weight`,
-# `bias`, `groups` and `in_features` as thop's own Conv2d and Linear counters expect.
-THOP_CUSTOM_OPS = {WNConv2d: thop.vision.basic_hooks.count_convNd, WNLinear: thop.vision.basic_hooks.count_linear}
+# thop picks a counter by exact type, so it counts our WN and WS layers as 0 MACs unless told; they expose
+# `weight` (of the applied weight's shape), `bias`, `groups` and `in_features` as thop's own Conv2d and Linear
+# counters expect. The weight's own reparameterization is not counted: it costs O(weight), not O(activations).
+THOP_CUSTOM_OPS = {**dict.fromkeys([WNConv2d, StdConv2d, ScaledStdConv2d], thop.vision.basic_hooks.count_convNd),
+                   WNLinear: thop.vision.basic_hooks.count_linear}
 
 
 def count_params_flops(model: nn.Module, image_size: int) -> tuple:

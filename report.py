@@ -1,50 +1,114 @@
-"""Turn results/ into the README's results table and its plots.
+"""Turn results/ into the README's results table, the comparisons between norms, and the plots.
 
-    python report.py                          # results/results.md and the PNGs under results/
+    python report.py                          # results/results.md, comparisons.md and the PNGs under results/
     python report.py --readme README.md       # also replace the README's results section with the table
     python report.py --all                    # keep subset and short runs in the table too
     python report.py --architecture architecture.png   # only redraw the architecture figure
+    python report.py --rebuild_summary        # summary.csv's rows anew from every run's own files first
 
 Reads summary.csv and the per-run CSVs that cls.py writes, and the original README's table
-(results/original_readme.csv). Writes, under --results_dir:
+(results/original_readme.csv). Runs that differ only in --seed form one row: the mean and sample standard
+deviation of their final epoch's test accuracy, over the finished ones (docs/statistics.md). Writes, under
+--results_dir:
     results.md                   the table in the original's format, with the original's numbers beside ours
-    top1_vs_batch_size.png       top-1 against batch size, one line per norm, one panel per backbone
-    curves/{run}.png             test top-1 and train loss against epoch, for every run
+    comparisons.md               every norm against bn, and wn against every norm at its smallest and largest
+                                 batch: the difference of mean final top-1 and its 95% confidence interval
+    top1_vs_batch_size.png       final top-1 against batch size, mean ± std over seeds, one line per norm
+    curves/{run}.png             test top-1 and train loss against epoch: every seed of a run, and their mean
     layers/{run}.png             gradient norm and ||Δw||/||w|| per layer and epoch, for every run with layers.csv
     signal/{data}_{backbone}_{batch}.png   activation std across depth, first and last epoch, a line per norm
-The table and top1_vs_batch_size.png leave out runs on a --subset, of another --width, or of fewer than
---min_epochs epochs (smoke tests), and say how many they left out.
+The table, the comparisons and top1_vs_batch_size.png leave out runs on a --subset, of another --width, or
+of fewer than --min_epochs epochs (smoke tests), and say how many they left out.
 """
 from utils.cli import exit_on_ctrl_c
 
 if __name__ == "__main__":
     exit_on_ctrl_c("report.py")  # before the imports below, which take seconds (flake8: E402 is meant)
 
+import hashlib
+import warnings
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import scipy.stats
 
+import cls
 from model import MODELS, NORMS
 from utils import plots
 from utils.cli import ArgumentParser, UserError, positive_int, run_cli
 from utils.data import DATASETS
 from utils.layerstats import LAYER_COLUMNS
 from utils.metrics import human
-from utils.runfiles import EPOCH_COLUMNS, read_csv, read_summary, run_name
+from utils.runfiles import EPOCH_COLUMNS, RESULT_COLUMNS, read_csv, read_summary, rebuild_summary
 
 
 LABELS = {"data": {k: d.label for k, d in DATASETS.items()}, "backbone": {k: m.label for k, m in MODELS.items()},
           "norm": {k: n.label for k, n in NORMS.items()}}
 ORIGINAL_EPOCHS = 90
 README_MARKERS = ("<!-- report.py: begin -->", "<!-- report.py: end -->")
+OWN_COLUMNS = ("data_name", "backbone_type", "norm_type", "batch_size", "epochs", "seed")  # flags the table shows
+SMOKE_FLAGS = ("subset", "width")  # in bold where they differ from the papers'
+CONFIDENCE = 0.95
+
+
+# -----------------------------------------------------------------------------
+# runs: summary.csv, every defining flag, and the keys that group them
+
+def canonical(value) -> str:
+    """One spelling per value, so that 0.001 and 1e-3, 32 and 32.0, True and "True" are the same flag value."""
+    if isinstance(value, (bool, np.bool_)):
+        return str(bool(value))
+    try:
+        return repr(float(value))
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def shown_value(value) -> str:
+    return f"{value:g}" if isinstance(value, (float, np.floating)) else str(value)
+
+
+def key(row, leave_out: tuple) -> str:
+    """The run's defining flags but those in leave_out: runs with the same key differ only there."""
+    return ", ".join(f"{f}={canonical(row[f])}" for f in cls.DEFINING_FLAGS if f not in leave_out)
+
+
+def changed(row) -> list:
+    """The defining flags, but the table's own columns, whose value differs from cls.py's default."""
+    return [f for f in cls.DEFINING_FLAGS if f not in OWN_COLUMNS and canonical(row[f]) != canonical(cls.DEFAULTS[f])]
+
+
+def flags_text(row, bold: bool = False) -> str:
+    """How the run differs from cls.py's defaults, besides the table's columns: '--lr 0.002, --width 8'."""
+    parts = [(f"--{f} {shown_value(row[f])}", f in SMOKE_FLAGS) for f in changed(row)]
+    return ", ".join(f"**{text}**" if bold and smoke else text for text, smoke in parts) or "defaults"
+
+
+def read_runs(path: Path) -> pd.DataFrame:
+    """summary.csv, one row per run, with a name and every defining flag. An older file's missing flags
+    take cls.py's defaults, and its missing names the old {data}_{backbone}_{norm}_{batch}."""
+    df = read_summary(path)
+    for flag in cls.DEFINING_FLAGS:
+        values = df[flag] if flag in df else [None] * len(df)
+        df[flag] = [cls.DEFAULTS[flag] if pd.isna(v) else v for v in values]
+    return df.reindex(columns=list(dict.fromkeys([*df.columns, *RESULT_COLUMNS])))
 
 
 def load(results: Path) -> pd.DataFrame:
-    """Our summary rows, labelled, joined with the original README's row for the same configuration."""
-    ours = read_summary(results / "summary.csv")
+    """Our runs, labelled and keyed, joined with the original README's row for the same configuration.
+    group: the runs that differ only in --seed; family: those that differ only in --seed and --norm_type;
+    series: those that differ only in --seed, --norm_type and --batch_size."""
+    if not (results / "summary.csv").exists():
+        raise UserError(f"no runs in {results / 'summary.csv'}; run cls.py or sweep.py first")
+    ours = read_runs(results / "summary.csv")
     ours = ours.assign(**{column: ours[key].map(lambda k, kind=kind: LABELS[kind].get(k, k)) for column, key, kind in
                           (("Data", "data_name", "data"), ("Backbone", "backbone_type", "backbone"),
                            ("Norm Type", "norm_type", "norm"))}, **{"Batch Size": ours.batch_size.astype(int)})
+    for column, leave_out in (("group", ("seed",)), ("family", ("seed", "norm_type")),
+                              ("series", ("seed", "norm_type", "batch_size"))):
+        ours[column] = [key(row, leave_out) for _, row in ours.iterrows()]
+    ours["flag_text"] = [flags_text(row) for _, row in ours.iterrows()]
     original = read_csv(Path(__file__).parent / "results" / "original_readme.csv", ["Top1 Acc (%)", "Top5 Acc (%)"])
     original = original.rename(columns={"Top1 Acc (%)": "original_top1", "Top5 Acc (%)": "original_top5"})
     for column in ("original_top1", "original_top5"):  # "-" where the original has no number
@@ -54,44 +118,86 @@ def load(results: Path) -> pd.DataFrame:
 
 
 def is_result(df: pd.DataFrame, min_epochs: int) -> pd.Series:
-    """Runs that may stand beside the original's: the whole dataset, the papers' width, enough epochs.
-    Rows of an older summary.csv, without these columns, count as results."""
-    return ((df.subset.fillna(0) == 0) & (df.width.fillna(64) == 64) & (df.epochs.fillna(min_epochs) >= min_epochs))
+    """Runs that may stand beside the original's: the whole dataset, the papers' width, enough epochs."""
+    return (df.subset == 0) & (df.width == 64) & (df.epochs >= min_epochs)
 
 
-def accuracy(row: pd.Series, column: str) -> str:
-    if row.status == "diverged":
-        return "diverged"
-    if pd.isna(row[column]):
-        return "-"
-    value = f"{row[column]:.2f}"
-    return value if row.status == "finished" else f"{value} ({row.epochs_done}/{row.epochs} epochs)"
+# -----------------------------------------------------------------------------
+# seeds: one row per group of runs that differ only in --seed
+
+SEED_COLUMNS = ["runs", "seeds", "n", "diverged", "unfinished", "top1", "top1_mean", "top1_std", "top5_mean",
+                "top5_std", "best_top1_mean", "devices"]
 
 
-def recipe(row: pd.Series) -> str:
-    """How the run was made, beside its numbers; a subset or a narrower net said out loud."""
-    if pd.isna(row.optimizer):
-        return "-"
-    text = (f"{row.optimizer} lr {row.lr:g} wd {row.weight_decay:g}, {row.lr_schedule}, warmup {row.warmup_epochs:g}, "
-            f"seed {row.seed:g}")
-    smoke = [f"{name} {row[name]:g}" for name, full in (("subset", 0), ("width", 64)) if row[name] != full]
-    return ", ".join([text, *(f"**{s}**" for s in smoke)])
+def device_text(run: pd.Series) -> str:
+    return f"{run.device}" + (f" x{run.world_size:g}" if run.world_size > 1 else "")
 
 
-def table(df: pd.DataFrame, left_out: int, min_epochs: int) -> str:
+def aggregate(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per seed group: the configuration of its lowest seed (its name names the group), the names
+    and seeds of its runs, and over its finished runs only, n, the final epoch's top-1 (`top1`, a tuple),
+    the mean and sample standard deviation (NaN for n = 1) of the final top-1 and top-5, and the mean
+    best-epoch top-1. diverged and unfinished count the runs the means leave out."""
+    rows = []
+    for _, runs in df.groupby("group", sort=False):
+        runs = runs.sort_values("seed")
+        done = runs[runs.status == "finished"].dropna(subset=["final_top1"])
+        diverged = int((runs.status == "diverged").sum())
+        rows.append({**runs.iloc[0].to_dict(), "runs": tuple(runs["name"]), "seeds": tuple(runs.seed),
+                     "n": len(done), "diverged": diverged, "unfinished": len(runs) - len(done) - diverged,
+                     "epochs_done": runs.epochs_done.max(), "top1": tuple(done.final_top1),
+                     "top1_mean": done.final_top1.mean(), "top1_std": done.final_top1.std(),
+                     "top5_mean": done.final_top5.mean(), "top5_std": done.final_top5.std(),
+                     "best_top1_mean": done.best_top1.mean(),
+                     "devices": ", ".join(dict.fromkeys(device_text(r) for _, r in done.iterrows()))})
+    return pd.DataFrame(rows, columns=list(dict.fromkeys([*df.columns, *SEED_COLUMNS])))
+
+
+def in_order(groups: pd.DataFrame) -> pd.DataFrame:
+    return groups.sort_values(["data_name", "backbone_type", "norm_type", "batch_size", "flag_text"], kind="stable")
+
+
+# -----------------------------------------------------------------------------
+# results.md
+
+def headline(g: pd.Series, metric: str) -> str:
+    """Mean ± sample std over the finished seeds; without one, why not."""
+    if g.n == 0:
+        if g.diverged:
+            return "diverged"
+        return "-" if pd.isna(g.epochs_done) else f"- ({g.epochs_done:g}/{g.epochs:g} epochs)"
+    spread = f" ± {g[f'{metric}_std']:.2f}" if g.n > 1 else ""
+    return f"{g[f'{metric}_mean']:.2f}{spread}"
+
+
+def seeds_cell(g: pd.Series) -> str:
+    out = [f"{k} {what}" for k, what in ((g.diverged, "diverged"), (g.unfinished, "unfinished")) if k]
+    return f"{g.n}" + (f" ({', '.join(out)} left out)" if out else "")
+
+
+def table(groups: pd.DataFrame, left_out: int, min_epochs: int) -> str:
     header = ["Data", "Backbone", "Norm Type", "Batch Size", "Params (M)", "FLOPs", "Top1 Acc (%)", "Top5 Acc (%)",
-              "Original Top1 (%)", "Original Top5 (%)", "Epochs (ours / original)", "Recipe", "Device"]
+              "Seeds", "Original Top1 (%)", "Original Top5 (%)", "Best-epoch Top1 (%), picked on the test set",
+              "Epochs (ours / original)", "Flags", "Device"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for _, r in df.sort_values(["data_name", "backbone_type", "norm_type", "batch_size"]).iterrows():
-        cells = [r.Data, r.Backbone, r["Norm Type"], r["Batch Size"], f"{r.params_m:.2f}", human(r.flops),
-                 accuracy(r, "best_top1"), accuracy(r, "best_top5"),
-                 *("-" if pd.isna(r[c]) else f"{r[c]:.2f}" for c in ("original_top1", "original_top5")),
-                 f"{r.epochs:g} / {ORIGINAL_EPOCHS}", recipe(r),
-                 f"{r.device}" + (f" x{r.world_size:g}" if r.world_size > 1 else "")]
+    for _, g in in_order(groups).iterrows():
+        cells = [g.Data, g.Backbone, g["Norm Type"], g["Batch Size"], f"{g.params_m:.2f}", human(g.flops),
+                 headline(g, "top1"), headline(g, "top5"), seeds_cell(g),
+                 *("-" if pd.isna(g[c]) else f"{g[c]:.2f}" for c in ("original_top1", "original_top5",
+                                                                       "best_top1_mean")),
+                 f"{g.epochs:g} / {ORIGINAL_EPOCHS}", flags_text(g, bold=True), g.devices or "-"]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
-    notes = ("Top1/Top5: ours, the test accuracy of the epoch with the best top-1. Original: the original "
-             f"README's numbers for the same row (CIFAR-10, {ORIGINAL_EPOCHS} epochs, batch size as given, NVIDIA "
-             "Tesla V100), for comparison; '-' where it has none.")
+    notes = ("Top1/Top5 Acc: ours, the test accuracy after the final epoch, as mean ± sample standard deviation "
+             "over the seeds of a row (runs that differ only in --seed; Seeds: how many, finished runs only). "
+             "Best-epoch Top1: the mean top-1 of each run's best epoch, an epoch picked on the test set itself, "
+             "so an optimistic number. Original: the original README's numbers for the same row (CIFAR-10, "
+             f"{ORIGINAL_EPOCHS} epochs, batch size as given, NVIDIA Tesla V100, one number each), for comparison; "
+             "'-' where it has none. Flags: those that differ from cls.py's defaults (`python cls.py --help`). "
+             "Differences between norms with confidence intervals: comparisons.md.")
+    unfinished = int(groups.diverged.sum() + groups.unfinished.sum())
+    if unfinished:
+        notes += (f" Left out of the means: {unfinished} run(s) that did not finish ({int(groups.diverged.sum())} "
+                  f"diverged, {int(groups.unfinished.sum())} unfinished).")
     if left_out:
         notes += (f" Left out: {left_out} run(s) on a --subset, of another --width or of fewer than {min_epochs} "
                   f"epochs (`python report.py --all` keeps them).")
@@ -107,25 +213,112 @@ def replace_readme_section(readme: Path, text: str) -> None:
     readme.write_text(f"{head}{begin}\n{text}{end}{rest.split(end, 1)[1]}")
 
 
+# -----------------------------------------------------------------------------
+# comparisons.md
+
+def welch_interval(a, b, confidence: float = CONFIDENCE):
+    """(low, high): the confidence interval of mean(a) - mean(b) by Welch's t, which does not assume equal
+    variances (the Welch-Satterthwaite degrees of freedom). None with one value on either side: no variance."""
+    if min(len(a), len(b)) < 2:
+        return None
+    with warnings.catch_warnings():  # "precision loss" where a side's seeds agree: a variance of 0 is exact
+        warnings.simplefilter("ignore", RuntimeWarning)
+        interval = scipy.stats.ttest_ind(a, b, equal_var=False).confidence_interval(confidence)
+    return float(interval.low), float(interval.high)
+
+
+def comparison_row(g: pd.Series, against: pd.Series) -> list:
+    if min(g.n, against.n) < 2:
+        shown, mark = "n = 1, no interval", "-"
+    elif np.ptp(g.top1) == 0 and np.ptp(against.top1) == 0:  # a zero-width interval would claim certainty
+        shown, mark = "no spread, no interval", "-"
+    else:
+        low, high = welch_interval(g.top1, against.top1)
+        shown, mark = f"[{low:+.2f}, {high:+.2f}]", "yes" if low > 0 or high < 0 else "no"
+    return [g.Data, g.Backbone, g["Batch Size"], f"{g.epochs:g}", flags_text(g), f"{g['Norm Type']} ({g.n})",
+            f"{against['Norm Type']} ({against.n})", f"{g.top1_mean - against.top1_mean:+.2f}", shown, mark]
+
+
+def pairs_against_bn(groups: pd.DataFrame) -> list:
+    """(norm, bn) for every norm of every family that has bn."""
+    pairs = []
+    for _, family in groups.groupby("family", sort=False):
+        bn = family[family.norm_type == "bn"]
+        pairs += [(g, bn.iloc[0]) for _, g in family.iterrows() if len(bn) and g.norm_type != "bn"]
+    return pairs
+
+
+def pairs_of_wn(groups: pd.DataFrame) -> list:
+    """(wn, other) for every other norm, at the smallest and the largest batch size of every series with wn."""
+    pairs = []
+    for _, series in groups.groupby("series", sort=False):
+        wn = series[series.norm_type == "wn"]
+        for batch in sorted({wn.batch_size.min(), wn.batch_size.max()}) if len(wn) else []:
+            family = series[series.batch_size == batch]
+            pairs += [(wn[wn.batch_size == batch].iloc[0], g) for _, g in family.iterrows() if g.norm_type != "wn"]
+    return pairs
+
+
+def comparison_table(pairs: list) -> str:
+    header = ["Data", "Backbone", "Batch Size", "Epochs", "Flags", "Norm (n)", "Against (n)",
+              "Top-1 difference (points)", f"{CONFIDENCE:.0%} interval", "Excludes 0"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    order = list(NORMS)
+    pairs = sorted(pairs, key=lambda p: (p[0].data_name, p[0].backbone_type, p[0].flag_text, p[0].batch_size,
+                                         order.index(p[0].norm_type), order.index(p[1].norm_type)))
+    lines += ["| " + " | ".join(str(c) for c in comparison_row(g, against)) + " |" for g, against in pairs]
+    return "\n".join(lines) if pairs else "None: no pair of norms with finished runs of the same recipe."
+
+
+def comparisons(groups: pd.DataFrame) -> str:
+    done = groups[groups.n > 0]
+    return (f"# Comparisons between norms\n\nThe difference of mean final-epoch test top-1 (percentage points), the "
+            f"norm minus the one it is against, between seed groups of the same data, backbone, batch size, "
+            f"epochs and flags (Flags: those that differ from cls.py's defaults); n: finished seeds. Interval: "
+            f"the {CONFIDENCE:.0%} confidence interval of the difference by Welch's t over the seeds "
+            f"(scipy.stats.ttest_ind, equal_var=False); none with one seed on either side. Excludes 0: the "
+            f"gap is larger than the seed-to-seed spread explains, at this confidence. How to read it: "
+            f"docs/statistics.md.\n\n## Every norm against BN\n\n{comparison_table(pairs_against_bn(done))}\n\n"
+            f"## WN against every other norm, at its smallest and largest batch size\n\n"
+            f"{comparison_table(pairs_of_wn(done))}\n")
+
+
+# -----------------------------------------------------------------------------
+# per-run plots
+
+def signal_names(groups: pd.DataFrame) -> dict:
+    """{family: file name}: {data}_{backbone}_{batch}, with a hash of the flags where one folder holds
+    several recipes of the same data, backbone and batch size."""
+    names = {}
+    for (data, backbone, batch), same in groups.groupby(["data_name", "backbone_type", "batch_size"]):
+        for family in same.family.unique():
+            tag = f"_{hashlib.sha1(family.encode()).hexdigest()[:8]}" if same.family.nunique() > 1 else ""
+            names[family] = f"{data}_{backbone}_{batch}{tag}"
+    return names
+
+
 def per_run_plots(results: Path, df: pd.DataFrame) -> None:
-    """curves/, layers/ and signal/ for every run that has the CSVs."""
+    """curves/ for every seed group, layers/ for every run, signal/ for every family (one seed of each norm)."""
     for folder in ("curves", "layers", "signal"):
         (results / folder).mkdir(exist_ok=True)
     layers = {}
-    for _, row in df.iterrows():
-        name = run_name(row.to_dict())
-        if (results / f"{name}_statistics.csv").exists():
-            stats = read_csv(results / f"{name}_statistics.csv", EPOCH_COLUMNS)
-            plots.curves(stats, name, results / "curves" / f"{name}.png")
+    for name in df["name"]:
         if (results / f"{name}_layers.csv").exists():
             layers[name] = read_csv(results / f"{name}_layers.csv", LAYER_COLUMNS)
             plots.layer_heatmaps(layers[name], name, results / "layers" / f"{name}.png")
-    for (data, backbone, batch), group in df.groupby(["data_name", "backbone_type", "batch_size"]):
-        runs = {LABELS["norm"].get(row.norm_type, row.norm_type): layers[name] for _, row in group.iterrows()
-                if (name := run_name(row.to_dict())) in layers}
+    groups = aggregate(df)
+    for _, g in groups.iterrows():
+        stats = {f"seed {seed:g}": read_csv(results / f"{name}_statistics.csv", EPOCH_COLUMNS)
+                 for name, seed in zip(g.runs, g.seeds, strict=True) if (results / f"{name}_statistics.csv").exists()}
+        if stats:
+            plots.curves(stats, g["name"], results / "curves" / f"{g['name']}.png")
+    names = signal_names(groups)
+    for family, same in groups.groupby("family", sort=False):
+        runs = {g["Norm Type"]: layers[g["name"]] for _, g in same.iterrows() if g["name"] in layers}
         if runs:
-            title = f"{LABELS['backbone'].get(backbone, backbone)}, {data}, batch {batch}: signal propagation"
-            plots.signal_propagation(runs, title, results / "signal" / f"{data}_{backbone}_{batch}.png")
+            g = same.iloc[0]
+            title = f"{g.Backbone}, {g.data_name}, batch {g.batch_size}, {g.flag_text}: signal propagation"
+            plots.signal_propagation(runs, title, results / "signal" / f"{names[family]}.png")
 
 
 def main(argv=None) -> None:
@@ -135,22 +328,28 @@ def main(argv=None) -> None:
     p.add_argument("--min_epochs", default=10, type=positive_int, help="shorter runs stay out of the table")
     p.add_argument("--all", action="store_true", help="keep subset, narrow and short runs in the table")
     p.add_argument("--architecture", default=None, help="only draw the architecture figure to this path")
+    p.add_argument("--rebuild_summary", action="store_true",
+                   help="first rewrite every run's row of summary.csv from the run's own files")
     args = p.parse_args(argv)
     if args.architecture:
         return plots.draw_architecture(Path(args.architecture))
     results = Path(args.results_dir)
+    if args.rebuild_summary:
+        print(f"rebuilt the rows of {rebuild_summary(results, cls.DEFAULTS)} runs in {results / 'summary.csv'}")
     df = load(results)
     if df.empty:
         raise UserError(f"no runs in {results / 'summary.csv'}; run cls.py or sweep.py first")
     shown = df if args.all else df[is_result(df, args.min_epochs)]
-    text = table(shown, len(df) - len(shown), args.min_epochs)
+    groups = aggregate(shown)
+    text = table(groups, len(df) - len(shown), args.min_epochs)
     (results / "results.md").write_text(text)
-    plots.top1_vs_batch_size(shown, LABELS, results / "top1_vs_batch_size.png")
+    (results / "comparisons.md").write_text(comparisons(groups))
+    plots.top1_vs_batch_size(groups, LABELS, results / "top1_vs_batch_size.png")
     per_run_plots(results, df)
     if args.readme:
         replace_readme_section(Path(args.readme), text)
-    print(f"wrote {results / 'results.md'} ({len(shown)} runs in the table, {len(df) - len(shown)} left out) "
-          f"and the plots")
+    print(f"wrote {results / 'results.md'} ({len(shown)} runs in {len(groups)} rows, {len(df) - len(shown)} left "
+          f"out), {results / 'comparisons.md'} and the plots")
 
 
 if __name__ == "__main__":

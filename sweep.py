@@ -12,7 +12,7 @@ Every flag of cls.py that defines a run and takes a value takes several here; th
 cls.py run a point, and a run asked for twice runs once. Every other flag goes to every run unchanged.
 With --jobs 1 the configurations run one after another in this process (under torchrun, each on all the
 processes). With --jobs N, N of them run at once, each as its own cls.py process on the same device, with
-its output in {results_dir}/{run}.log: small batches leave most of a GPU idle (issue 12: six batch-32
+its output in {results_dir}/{run}.log: small batches leave most of a GPU idle (on an H100, six batch-32
 runs on one H100 took 270 s together, about 100 s each alone). --jobs auto picks N from the free GPU memory.
 With --launcher slurm the grid is one SLURM job array, an element a configuration (utils/slurm.py).
 """
@@ -36,7 +36,7 @@ import torch
 import cls
 from utils import runtime, slurm
 from utils.cli import ArgumentParser, RunDiverged, UserError, auto_or_positive_int, run_cli
-from utils.runfiles import DONE, RunFiles, run_name
+from utils.runfiles import DONE, RunRecord
 
 
 # GPU memory a run may take. A budget, not a measurement: ResNet-18 at batch 32 holds CIFAR-10 twice as uint8
@@ -52,16 +52,12 @@ class Config:
 
     @property
     def name(self) -> str:
-        return run_name(self.args)
+        return self.args.name
 
     @property
-    def files(self) -> RunFiles:
-        """Its files, to read: this process writes none of them."""
-        return RunFiles(self.args.results_dir, vars(self.args), enabled=False)
-
-    @property
-    def recipe(self) -> dict:
-        return {flag: getattr(self.args, flag) for flag in cls.DEFINING_FLAGS}
+    def files(self) -> RunRecord:
+        """Its record, to read: this process writes none of its files."""
+        return RunRecord(self.args.results_dir, self.name, cls.DEFAULTS, enabled=False, renamed=cls.RENAMED_FLAGS)
 
 
 def grid_actions(parser: argparse.ArgumentParser) -> list:
@@ -85,39 +81,15 @@ def make_parser() -> ArgumentParser:
 
 def parse(argv=None) -> tuple:
     """([Config], the sweep's own options). Bad flags stop the sweep here, before any run."""
-    parser = make_parser()
-    opts, rest = parser.parse_known_args(argv)
+    opts, rest = make_parser().parse_known_args(argv)
     grid = {a.dest: opts.__dict__.pop(a.dest) for a in grid_actions(cls.make_parser())}
     grid = {flag: values for flag, values in grid.items() if values is not None}
-    configs = []
+    configs = {}  # by name: a run named twice runs once
     for values in itertools.product(*grid.values()):
         argv = [f"--{flag}={value}" for flag, value in zip(grid, values, strict=True)] + rest + ["--resume"]
-        configs.append(Config(argv, cls.parse_args(argv)))
-    return unique(configs), opts
-
-
-def unique(configs: list) -> list:
-    """The configurations in the grid's order, each run once: the same run asked for twice has one name and
-    one recipe."""
-    runs = {}
-    for config in configs:
-        same_name = runs.setdefault(config.name, [])
-        if config.recipe not in [run.recipe for run in same_name]:
-            same_name.append(config)
-    return [config for same_name in runs.values() for config in same_name]
-
-
-def check_names(configs: list) -> None:
-    """Two recipes of one name would write the same files."""
-    first = {}
-    for config in configs:
-        other = first.setdefault(config.name, config)
-        differ = [flag for flag in cls.DEFINING_FLAGS if other.recipe[flag] != config.recipe[flag]]
-        if differ:
-            flag = differ[0]
-            raise UserError(f"--{flag} {other.recipe[flag]} and --{flag} {config.recipe[flag]} both make the run "
-                            f"{config.name}, whose files would collide; sweep them into separate --results_dir",
-                            exit_code=2)
+        config = Config(argv, cls.parse_args(argv))
+        configs.setdefault(config.name, config)
+    return list(configs.values()), opts
 
 
 def auto_jobs(n_configs: int, device) -> int:
@@ -147,10 +119,10 @@ def in_process(configs: list) -> None:
 
 def done(config: Config) -> bool:
     """Whether the run is finished or diverged, as cls.py would find it, without a process to start: refuses,
-    as cls.py does, a changed flag that defines the run."""
-    run_args = {**vars(config.args), "world_size": 1}
-    status = config.files.check_resume(run_args, cls.RESUMABLE_CHANGES)
+    as cls.py does, a run whose files say it was made otherwise."""
+    status = config.files.status()
     if status in DONE:
+        config.files.check({**vars(config.args), "world_size": 1})
         print(f"{config.name} is already {status} in {config.args.results_dir}; nothing to do", flush=True)
     return status in DONE
 
@@ -163,8 +135,9 @@ class Child:
 
 
 class Children:
-    """The cls.py processes of a parallel sweep. Each runs in its own session, so that Ctrl-C reaches it
-    once, forwarded from here, and never twice (a second signal would stop it before its checkpoint)."""
+    """The cls.py processes of a parallel sweep. Each runs in a process group of its own (setsid), so that
+    Ctrl-C reaches it once, forwarded from here, and never twice (a second signal would stop it before its
+    checkpoint)."""
 
     def __init__(self, jobs: int):
         self.running, self.signum = [], 0
@@ -242,7 +215,6 @@ def last_line(log: Path) -> str:
 
 def main(argv=None) -> None:
     configs, opts = parse(argv)
-    check_names(configs)
     if opts.status:
         return slurm.status(configs)
     if opts.launcher == "slurm":

@@ -15,16 +15,18 @@ import torch
 
 import cls
 import report
-from conftest import NARROW, run_cls, run_cls_here, start_cls, write_cifar, write_imagefolder
+from conftest import NARROW, RUN, run_cls, run_cls_here, start_cls, write_cifar, write_imagefolder
 from model import NORMS, build_model, count_params_flops
 from utils import runtime
 from utils.cli import run_cli
 from utils.data import build_loaders
-from utils.runfiles import EPOCH_COLUMNS, SUMMARY_COLUMNS
+from utils.runfiles import EPOCH_COLUMNS, RESULT_COLUMNS
 
 
-def check_run(results, name, data_name, backbone, norm, epochs, num_classes, image_size):
-    stats = pd.read_csv(results / f"{name}_statistics.csv")
+def check_run(results, data_name, backbone, norm, epochs, num_classes, image_size):
+    (path,) = results.glob("*_statistics.csv")
+    name = path.name[:-len("_statistics.csv")]
+    stats = pd.read_csv(path)
     assert list(stats.columns) == EPOCH_COLUMNS
     assert stats.epoch.tolist() == list(range(1, epochs + 1))
     assert (stats.lr > 0).all() and (stats.seconds > 0).all()
@@ -34,8 +36,9 @@ def check_run(results, name, data_name, backbone, norm, epochs, num_classes, ima
     assert (stats.test_top5 >= stats.test_top1).all()
 
     summary = pd.read_csv(results / "summary.csv")
-    assert list(summary.columns) == SUMMARY_COLUMNS and len(summary) == 1
+    assert list(summary.columns) == ["name", *cls.DEFINING_FLAGS, *RESULT_COLUMNS] and len(summary) == 1
     row = summary.iloc[0]
+    assert row["name"] == name
     assert (row.data_name, row.backbone_type, row.norm_type) == (data_name, backbone, norm)
     assert (row.epochs, row.epochs_done, row.status, row.device) == (epochs, epochs, "finished", "cpu")
     assert (row.optimizer, row.lr, row.weight_decay, row.lr_schedule, row.seed, row.width) == \
@@ -60,7 +63,7 @@ def test_cifar_end_to_end(tmp_path, capsys, data_name, norm, num_classes):
                                   "--epochs", "2", "--batch_size", "8", "--init_images", "8",
                                   "--results_dir", str(tmp_path / "results"))
     assert status == 0, err
-    check_run(tmp_path / "results", f"{data_name}_resnet18_{norm}_8", data_name, "resnet18", norm, 2, num_classes, 32)
+    check_run(tmp_path / "results", data_name, "resnet18", norm, 2, num_classes, 32)
 
 
 def test_imagenet_end_to_end_with_a_head_per_class_folder(tmp_path, capsys):
@@ -68,14 +71,14 @@ def test_imagenet_end_to_end_with_a_head_per_class_folder(tmp_path, capsys):
     status, _, err = run_cls_here(capsys, "--data_name", "imagenet", "--data_path", str(data), "--epochs", "1",
                                   "--batch_size", "3", "--results_dir", str(tmp_path / "results"))
     assert status == 0, err
-    check_run(tmp_path / "results", "imagenet_resnet18_bn_3", "imagenet", "resnet18", "bn", 1, 3, 224)
+    check_run(tmp_path / "results", "imagenet", "resnet18", "bn", 1, 3, 224)
 
 
 def test_synthetic_data_runs_end_to_end(tmp_path, capsys):
     status, _, err = run_cls_here(capsys, "--data_name", "synthetic", "--subset", "16", "--epochs", "1",
                                   "--batch_size", "8", "--results_dir", str(tmp_path / "results"))
     assert status == 0, err
-    check_run(tmp_path / "results", "synthetic_resnet18_bn_8", "synthetic", "resnet18", "bn", 1, 10, 32)
+    check_run(tmp_path / "results", "synthetic", "resnet18", "bn", 1, 10, 32)
 
 
 def loaders(*flags):
@@ -112,14 +115,15 @@ def test_a_run_in_a_log_prints_progress_within_an_epoch_and_a_last_line(uninterr
     line_re = r"epoch 1/4 +\d+% \(\d+/40 images\): [\d.]+ images/s, loss [\d.]+, top-1 [\d.]+%, epoch ETA [\d:]+"
     progress = [line for line in out[:epoch_end] if re.fullmatch(line_re, line)]
     assert len(progress) >= 5  # 10 steps an epoch: a line at every 10% or more
-    assert out[-1].startswith("cifar10_resnet18_bn_4 finished: results in") and str(uninterrupted.results) in out[-1]
+    name = cls.parse_args([*NARROW, *RUN]).name
+    assert out[-1].startswith(f"{name} finished: results in") and str(uninterrupted.results) in out[-1]
 
 
 def test_keep_checkpoint_keeps_it(tmp_path, data, capsys):
     status, _, err = run_cls_here(capsys, "--data_path", str(data), "--epochs", "1", "--keep_checkpoint",
                                   "--results_dir", str(tmp_path))
     assert status == 0, err
-    assert torch.load(next(tmp_path.glob("*_checkpoint.pth")), weights_only=False)["progress"]["epoch"] == 2
+    assert torch.load(next(tmp_path.glob("*_checkpoint.pth")), weights_only=False)["state"]["progress"]["epoch"] == 2
 
 
 # -----------------------------------------------------------------------------

@@ -86,7 +86,7 @@ def test_every_norm_trains_two_epochs_without_nan_under_the_defaults(tmp_path, c
     layers = pd.read_csv(next(tmp_path.glob("*_layers.csv")))
     weights = layers[layers.kind != "block"]
     assert np.isfinite(weights[["weight_norm", "grad_norm", "rel_change", "act_std"]].to_numpy()).all()
-    if NORMS[norm].init:  # WN's v keeps its norm: issue 11's collapse would show here
+    if NORMS[norm].init:  # WN's v keeps its norm: a collapse of ||v|| would show here
         first, last = (weights[weights.epoch == e].set_index("layer").v_norm for e in (1, 2))
         assert (last / first).min() > 0.5
 
@@ -105,7 +105,7 @@ def test_checkpoint_and_resume_on_cuda(tmp_path, learnable):
     assert proc.returncode == 128 + signal.SIGTERM and "--resume" in err.strip().splitlines()[-1], err[-2000:]
     checkpoint = torch.load(next(tmp_path.glob("*_checkpoint.pth")), map_location="cpu", weights_only=False)
     first = pd.read_csv(next(tmp_path.glob("*_statistics.csv")))
-    assert checkpoint["progress"]["epoch"] == len(first) + 1 and checkpoint["rng"]["cuda"]
+    assert checkpoint["state"]["progress"]["epoch"] == len(first) + 1 and checkpoint["state"]["rng"]["cuda"]
     resumed = subprocess.run([*args, "--resume"], capture_output=True, text=True, env=env, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     stats = pd.read_csv(next(tmp_path.glob("*_statistics.csv")))

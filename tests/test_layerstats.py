@@ -1,4 +1,4 @@
-"""Per-layer statistics (issue 14): one row per layer and epoch, true to the weights, and invisible to training.
+"""Per-layer statistics: one row per layer and epoch, true to the weights, and invisible to training.
 The resume equality of layers.csv is in test_reliability.py."""
 import math
 

@@ -11,7 +11,8 @@ import torchvision
 
 import cls
 from conftest import counts
-from model import MODELS, NORMS, WNConv2d, WNLinear, build_model, count_params_flops, group_norm, weight_layers
+from model import (MODELS, NORMS, ScaledStdConv2d, StdConv2d, WNConv2d, WNLinear, build_model, count_params_flops,
+                   group_norm, weight_layers)
 
 # The original README's CIFAR-10 columns: Params (M) and FLOPs, for bn and in.
 ORIGINAL = {
@@ -118,7 +119,7 @@ def test_wn_conv_output_is_conv_with_g_v_over_norm_v():
 
 
 def test_wn_weight_has_an_eps_that_keeps_a_zero_v_finite():
-    # pytorch issue 19126: v / ||v|| has a NaN gradient at v = 0.
+    # pytorch/pytorch#19126: v / ||v|| has a NaN gradient at v = 0.
     conv = WNConv2d(4, 2, 3)
     with torch.no_grad():
         conv.v.zero_()
@@ -205,7 +206,7 @@ def test_every_norm_is_one_registry_entry_that_the_cli_offers():
     choices = {a.dest: a.choices for a in parser._actions}
     assert choices["norm_type"] == list(NORMS) and choices["backbone_type"] == list(MODELS)
     assert all(norm.label for norm in NORMS.values()) and all(m.label for m in MODELS.values())
-    assert {k for k, norm in NORMS.items() if norm.init} == {"wn", "wn_mbn"}
+    assert {k for k, norm in NORMS.items() if norm.init} == {"wn", "wn_mbn", "sws"}
 
 
 @pytest.mark.parametrize("norm", list(NORMS))
@@ -214,9 +215,16 @@ def test_weight_layers_are_every_conv_and_linear_with_their_roles(norm):
     layers = weight_layers(model)
     assert len(layers) == 54  # 1 stem conv, 3 per Bottleneck x 16, 4 downsample convs, 1 fc
     for name, layer in layers.items():
-        is_wn = isinstance(layer.module, (WNConv2d, WNLinear))
+        is_wn, is_ws = isinstance(layer.module, (WNConv2d, WNLinear)), isinstance(layer.module, StdConv2d)
         assert layer.direction is (layer.module.v if is_wn else layer.module.weight)
-        assert (layer.gain is layer.module.g) if is_wn else layer.gain is None
+        if is_wn:
+            assert layer.gain is layer.module.g
+        elif isinstance(layer.module, ScaledStdConv2d):
+            assert layer.gain is layer.module.gain
+        else:
+            assert layer.gain is None
+        assert layer.reparameterized == (is_wn or is_ws)
+        assert layer.weight() is layer.direction or layer.reparameterized
 
 
 def test_narrow_nets_are_cheap_and_group_norm_fits_their_channels():

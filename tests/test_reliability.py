@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
+import cls
 from conftest import ENV, NARROW, ROOT, RUN, run_cls_here, start_cls
 
 
@@ -56,7 +57,7 @@ def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(tmp
     status, _, err = run_cls_here(capsys, "--data_path", str(data), "--norm_type", norm, "--batch_size", "8",
                                   *COMMON, "--results_dir", str(tmp_path))
     assert status == 0, err
-    name = f"cifar10_resnet18_{norm}_4"
+    name = cls.parse_args([*NARROW, "--norm_type", norm, "--batch_size", "4", *COMMON]).name
     two, one = pd.read_csv(torchrun_sweep / f"{name}_statistics.csv"), statistics(tmp_path)
     assert len(two) == 2
     row = pd.read_csv(torchrun_sweep / "summary.csv").set_index("norm_type").loc[norm]
@@ -94,13 +95,21 @@ def test_sigkill_in_epoch_2_then_resume_gives_the_uninterrupted_csvs(tmp_path, d
     proc.communicate()
     assert len(statistics(tmp_path)) < 4
     assert summary_row(tmp_path).status == "incomplete"
-    status, _, err = run_cls_here(capsys, *args, "--resume", "--lr", "0.5")  # no two recipes in one CSV
-    assert status == 1 and "--lr" in err and len(err.strip().splitlines()) == 1
+    killed = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    # Another lr is another run, with files of its own: no two recipes in one CSV.
+    status, _, err = run_cls_here(capsys, *args, "--resume", "--lr", "0.5", "--epochs", "1")
+    assert status == 0, err
+    other = cls.parse_args([*NARROW, *args, "--lr", "0.5", "--epochs", "1"]).name
+    assert other != cls.parse_args([*NARROW, *args]).name and (tmp_path / f"{other}_model.pth").exists()
+    assert all((tmp_path / name).read_bytes() == content for name, content in killed.items() if name != "summary.csv")
+    for path in tmp_path.glob(f"{other}_*"):
+        path.unlink()
     status, _, err = run_cls_here(capsys, *args, "--resume")  # the warmup and cosine schedule, stepped per step
     assert status == 0, err
     assert_same_but_seconds(statistics(tmp_path), statistics(uninterrupted.results))
     pd.testing.assert_frame_equal(layers(tmp_path), layers(uninterrupted.results), check_exact=True)
-    assert summary_row(tmp_path).status == "finished"
+    summary = pd.read_csv(tmp_path / "summary.csv").set_index("name")
+    assert summary.status.to_dict() == {cls.parse_args([*NARROW, *args]).name: "finished", other: "finished"}
 
 
 def test_sigterm_mid_epoch_leaves_a_loadable_checkpoint_and_a_consistent_csv(tmp_path, data, uninterrupted, capsys):
@@ -117,7 +126,7 @@ def test_sigterm_mid_epoch_leaves_a_loadable_checkpoint_and_a_consistent_csv(tmp
     checkpoint = torch.load(checkpoint_path, weights_only=False)
     stats = statistics(tmp_path)
     assert [row["epoch"] for row in checkpoint["history"]] == stats.epoch.tolist()
-    assert checkpoint["progress"]["epoch"] == len(stats) + 1
+    assert checkpoint["state"]["progress"]["epoch"] == len(stats) + 1
     assert summary_row(tmp_path).status == "incomplete"
     assert not list(tmp_path.glob("*_model.pth"))
 
@@ -148,7 +157,7 @@ def test_rerunning_a_finished_configuration_does_not_clobber_it(tmp_path, data, 
     assert status == 1 and "--resume" in err and len(err.strip().splitlines()) == 1
     status, out, _ = run_cls_here(capsys, *args, "--resume")
     assert status == 0 and "already finished" in out
-    for flag, value in (("--epochs", "5"), ("--lr", "0.01"), ("--optimizer", "adam"), ("--width", "16")):
-        status, out, err = run_cls_here(capsys, *args, "--resume", flag, value)  # refused, as for an unfinished run
-        assert status == 1 and flag in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    name = cls.parse_args([*NARROW, *args]).name
+    for flag, value in (("--epochs", "5"), ("--lr", "0.01"), ("--optimizer", "adam"), ("--width", "16")):
+        assert cls.parse_args([*NARROW, *args, flag, value]).name != name  # another run, with its own files

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 
+import cls
 import sweep
 from conftest import ENV, NARROW, ROOT, run_cls_here
 from utils.cli import run_cli
@@ -19,7 +20,7 @@ from utils.slurm import Record
 
 RECIPE = ["--batch_size", "4", "--epochs", "4"]  # on the 40 training images of conftest's `data`: 10 steps an epoch
 SLURM = ["--launcher", "slurm", "--cpus_per_gpu", "1", "--poll", "0.2"]
-BN, IN, WN = (f"cifar10_resnet18_{norm}_4" for norm in ("bn", "in", "wn"))
+BN, IN = (cls.parse_args([*NARROW, *RECIPE, "--norm_type", norm]).name for norm in ("bn", "in"))
 
 
 def start(env: dict, *args) -> subprocess.Popen:
@@ -30,6 +31,11 @@ def start(env: dict, *args) -> subprocess.Popen:
 def finish(proc: subprocess.Popen) -> SimpleNamespace:
     out, err = proc.communicate(timeout=300)
     return SimpleNamespace(code=proc.returncode, out=out, err=err)
+
+
+def name(*args) -> str:
+    """The name of the run these flags make."""
+    return cls.parse_args([*NARROW, *map(str, args)]).name
 
 
 def sweep_here(capsys, *args) -> SimpleNamespace:
@@ -162,8 +168,8 @@ def test_two_processes_through_slurm_match_one_process_with_the_same_global_batc
     status, _, err = run_cls_here(capsys, *map(str, common), "--batch_size", "8", "--results_dir",
                                   str(tmp_path / "one"))
     assert status == 0, err
-    two_stats = pd.read_csv(tmp_path / "two" / f"{WN}_statistics.csv")
-    one_stats = pd.read_csv(tmp_path / "one" / "cifar10_resnet18_wn_8_statistics.csv")
+    two_stats, one_stats = (pd.read_csv(tmp_path / d / f"{name(*common, '--batch_size', b)}_statistics.csv")
+                            for d, b in (("two", "4"), ("one", "8")))
     assert pd.read_csv(tmp_path / "two" / "summary.csv").world_size.tolist() == [2]
     for col in ("train_loss", "test_loss"):  # the gradients really are averaged over the two ranks
         assert two_stats[col].tolist() == pytest.approx(one_stats[col].tolist(), rel=1e-4)
@@ -174,17 +180,17 @@ def test_two_processes_through_slurm_match_one_process_with_the_same_global_batc
 @pytest.mark.slurm
 def test_a_failed_job_is_named_with_its_log_and_error_and_listed_by_status(on_slurm, data, tmp_path, capsys):
     # wn's data-dependent init asks for more images than the training set has: the run fails in its job.
-    args = ["--data_path", data, "--norm_type", "bn", "wn", "--batch_size", "4", "--epochs", "2", "--init_images",
-            "100", "--results_dir", tmp_path]
-    swept = sweep_here(capsys, *SLURM, *args)
-    status = sweep_here(capsys, *SLURM, *args, "--status")
+    recipe = ["--data_path", data, "--batch_size", "4", "--epochs", "2", "--init_images", "100"]
+    swept = sweep_here(capsys, *SLURM, "--norm_type", "bn", "wn", *recipe, "--results_dir", tmp_path)
+    status = sweep_here(capsys, *SLURM, "--norm_type", "bn", "wn", *recipe, "--results_dir", tmp_path, "--status")
+    bn, wn = (name("--norm_type", norm, *recipe) for norm in ("bn", "wn"))
     error = "cls.py: error: argument --init_images: must be at most 40, the training images, got 100 (see --help)"
-    log = Record(tmp_path).newest()[WN].log
-    failed = rf"{WN}: failed \(job \d+_1\): {re.escape(error)}; log: {re.escape(str(log))}"
+    log = Record(tmp_path).newest()[wn].log
+    failed = rf"{wn}: failed \(job \d+_1\): {re.escape(error)}; log: {re.escape(str(log))}"
     assert swept.code == 1 and swept.err.strip().endswith("1 of 2 configurations failed")
-    assert re.search(rf"^{failed}$", swept.out, re.M) and f"{BN}: finished" in swept.out, swept.out
+    assert re.search(rf"^{failed}$", swept.out, re.M) and f"{bn}: finished" in swept.out, swept.out
     assert "1 finished, 0 diverged, 1 failed" in swept.out and log.exists()
-    assert status.code == 0 and status.out.splitlines()[0] == f"{BN}: finished"
+    assert status.code == 0 and status.out.splitlines()[0] == f"{bn}: finished"
     assert re.fullmatch(failed, status.out.splitlines()[1])
 
 

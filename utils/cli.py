@@ -76,8 +76,11 @@ def checked(convert, ok, requirement: str):
     return parse
 
 
-positive_int = checked(int, lambda v: v >= 1, "an integer of at least 1")
-natural_int = checked(int, lambda v: v >= 0, "an integer of at least 0")
+def at_least(n: int):
+    return checked(int, lambda v: v >= n, f"an integer of at least {n}")
+
+
+positive_int, natural_int = at_least(1), at_least(0)
 positive_float = checked(float, lambda v: math.isfinite(v) and v > 0, "a finite number above 0")
 natural_float = checked(float, lambda v: math.isfinite(v) and v >= 0, "a finite number of at least 0")
 auto_or_natural_float = checked(lambda t: t if t == "auto" else float(t),

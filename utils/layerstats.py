@@ -1,5 +1,5 @@
 """Per-layer statistics at the end of every epoch, on a fixed probe batch of training images: what each norm
-does inside the network. A layer's ||v|| collapsing towards 0 (issue 11: WN's divergence) shows here after
+does inside the network. A layer's ||v|| collapsing towards 0 (how WN diverged under Adam's coupled L2) shows here after
 one epoch, and the activations' std through the blocks is a signal-propagation plot (Brock et al. 2021)."""
 import torch
 import torch.nn as nn
@@ -8,9 +8,10 @@ import torch.nn.functional as F
 # One row per weight layer (kind "conv" or "linear") and per block (the stem and every residual block, kind
 # "block", which has only the activation columns). Norms are over the whole tensor.
 LAYER_COLUMNS = ["epoch", "layer", "kind",
-                 "weight_norm",  # ||w||, the effective weight (for WN: g v / ||v||)
-                 "v_norm", "g_mean", "g_min",  # WN only: ||v||, and WN's per-channel gains
-                 "grad_norm",  # ||dL/d(direction)|| on the probe batch: of v for WN, of the weight otherwise
+                 "weight_norm",  # ||w||, the weight the layer applies (WN: g v / ||v||; WS: standardized)
+                 "v_norm",  # ||v||, the direction a WN or WS layer reparameterizes; empty for the others
+                 "g_mean", "g_min",  # the layer's own per-channel gains (WN's g, scaled WS's gain), or empty
+                 "grad_norm",  # ||dL/d(direction)|| on the probe batch: of v for WN, of the raw weight otherwise
                  "rel_change",  # ||w - w_prev|| / ||w_prev||, w_prev the weight at the previous epoch's end
                  "act_mean", "act_std"]  # of the module's output on the probe batch
 
@@ -32,7 +33,7 @@ class LayerStats:
 
     @torch.no_grad()
     def weights(self) -> dict:
-        return {name: layer.module.weight.detach().float().clone() for name, layer in self.layers.items()}
+        return {name: layer.weight().detach().float().clone() for name, layer in self.layers.items()}
 
     def _forward_backward(self) -> tuple:
         """({name: output mean and std (2,)}, [dL/d(direction) of each layer]) on the probe batch."""
@@ -74,12 +75,12 @@ class LayerStats:
         w, ref, layers = list(weights.values()), [self.reference[name] for name in weights], self.layers.values()
         nan = torch.tensor(float("nan"), device=self.x.device)
         # One kernel per statistic for all the layers (torch._foreach_norm, as clip_grad_norm_ uses it): on a
-        # GPU the statistics are bound by kernel launches, and they have 2% of an epoch (issue 14).
+        # GPU the statistics are bound by kernel launches, and their budget is 2% of an epoch.
         norm = torch._foreach_norm
         columns = {  # name -> (layers,) or, for the activations, (layers + blocks,)
             "weight_norm": torch.stack(norm(w)), "grad_norm": torch.stack(norm(grads)),
             "rel_change": torch.stack(norm(torch._foreach_sub(w, ref))) / torch.stack(norm(ref)),
-            "v_norm": torch.stack([wl.direction.float().norm() if wl.gain is not None else nan for wl in layers]),
+            "v_norm": torch.stack([wl.direction.float().norm() if wl.reparameterized else nan for wl in layers]),
             "g_mean": torch.stack([wl.gain.float().mean() if wl.gain is not None else nan for wl in layers]),
             "g_min": torch.stack([wl.gain.float().min() if wl.gain is not None else nan for wl in layers]),
             "act_mean": torch.stack([acts[name][0] for name in [*self.layers, *self.blocks]]),
@@ -87,7 +88,7 @@ class LayerStats:
         self.reference = weights
         blocks = nan.expand(len(self.blocks))  # a block has no weight of its own
         table = torch.stack([v if len(v) > len(w) else torch.cat([v, blocks]) for v in columns.values()], dim=1)
-        kinds = ["linear" if wl.module.weight.dim() == 2 else "conv" for wl in layers] + ["block"] * len(self.blocks)
+        kinds = ["linear" if wl.direction.dim() == 2 else "conv" for wl in layers] + ["block"] * len(self.blocks)
         rows = [{"epoch": epoch, "layer": name, "kind": kind, **dict(zip(columns, values))}
                 for name, kind, values in zip([*self.layers, *self.blocks], kinds, table.tolist())]  # one host copy
         order = {name: i for i, (name, _) in enumerate(self.model.named_modules())}

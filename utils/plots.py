@@ -19,45 +19,68 @@ def _save(fig, path: Path, dpi: int = 110) -> None:
     plt.close(fig)
 
 
-def top1_vs_batch_size(df: pd.DataFrame, labels: dict, path: Path) -> None:
-    """One panel per backbone, one line per finished norm (the original's numbers dashed). df: report.load's rows;
-    labels: {"norm": {key: label}, "backbone": {key: label}}, in the registries' order."""
-    done = df[df.status == "finished"].dropna(subset=["best_top1"])
+def _series_label(row: pd.Series) -> str:
+    """What sets a line apart from the others of its norm: data, epochs and the flags that differ."""
+    return f"{row.Data}, {row.epochs:g} epochs" + ("" if row.flag_text == "defaults" else f", {row.flag_text}")
+
+
+def top1_vs_batch_size(groups: pd.DataFrame, labels: dict, path: Path) -> None:
+    """One panel per backbone, one line per norm and recipe: the mean final-epoch top-1 over the finished
+    seeds against batch size, with error bars of ± the sample standard deviation, and n in the legend; the
+    original's numbers dashed. groups: report.aggregate's rows, one per seed group (top1_mean, top1_std, n,
+    series, which with norm_type keys a line, flag_text, original_top1); labels: {"norm": {key: label},
+    "backbone": {key: label}}, in the registries' order."""
+    done = groups[groups.n > 0]
     panels = sorted(done.backbone_type.unique(), key=lambda b: list(labels["backbone"]).index(b))
     fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(max(7.0, 4.5 * len(panels)), 4.0), squeeze=False)
     norms = list(labels["norm"])
     for ax, backbone in zip(axes[0], panels, strict=False):
         rows = done[done.backbone_type == backbone]
-        for norm, group in rows.groupby("norm_type"):
-            group = group.sort_values("batch_size")
-            colour = f"C{norms.index(norm) if norm in norms else len(norms)}"
-            label = labels["norm"].get(norm, norm)
-            ax.plot(group.batch_size, group.best_top1, "o-", color=colour, label=label)
-            original = group.dropna(subset=["original_top1"])
-            if len(original):
+        recipes = list(dict.fromkeys(_series_label(r) for _, r in rows.iterrows()))
+        drawn = set()  # norms whose original line is drawn
+        for _, line in rows.groupby(["norm_type", "series"], sort=False):
+            line = line.sort_values("batch_size")
+            first = line.iloc[0]
+            colour = f"C{norms.index(first.norm_type) if first.norm_type in norms else len(norms)}"
+            label = labels["norm"].get(first.norm_type, first.norm_type)
+            recipe = recipes.index(_series_label(first))
+            n = "-".join(str(k) for k in sorted({line.n.min(), line.n.max()}))  # "3", or "2-3" where it varies
+            name = f"{label}, {_series_label(first)}" if len(recipes) > 1 else label
+            ax.errorbar(line.batch_size, line.top1_mean, yerr=line.top1_std.fillna(0), fmt="os^Dv"[recipe % 5] + "-",
+                        color=colour, capsize=3, label=f"{name} (n = {n})")
+            original = line.dropna(subset=["original_top1"])
+            if len(original) and first.norm_type not in drawn:
+                drawn.add(first.norm_type)
                 ax.plot(original.batch_size, original.original_top1, "x--", color=colour, alpha=0.6,
                         label=f"{label} (original)")
         ax.set_xscale("log", base=2)
         sizes = sorted(rows.batch_size.unique())
         ax.set_xticks(sizes, [str(s) for s in sizes])
         ax.minorticks_off()
-        ax.set(title=f"{labels['backbone'].get(backbone, backbone)}, {', '.join(sorted(rows.Data.unique()))}",
-               xlabel="batch size", ylabel="test top-1 (%)")
+        title = labels["backbone"].get(backbone, backbone) + (f", {recipes[0]}" if len(recipes) == 1 else "")
+        ax.set(title=title, xlabel="batch size", ylabel="final test top-1 (%), mean ± std over seeds")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
     _save(fig, path, dpi=120)
 
 
-def curves(stats: pd.DataFrame, name: str, path: Path) -> None:
-    """Test top-1 and train loss against epoch, for one run's statistics.csv."""
+def curves(runs: dict, name: str, path: Path) -> None:
+    """Test top-1 and train loss against epoch for the seeds of one run: each seed a thin line and their mean
+    (at each epoch, over the seeds that reached it) a thick one. runs: {label: its statistics.csv rows}."""
     fig, (top1, loss) = plt.subplots(1, 2, figsize=(8, 3.2))
-    top1.plot(stats.epoch, stats.test_top1, "o-")
-    top1.set(xlabel="epoch", ylabel="test top-1 (%)", title=name)
-    loss.plot(stats.epoch, stats.train_loss, "o-", color="C1")
-    loss.set(xlabel="epoch", ylabel="train loss")
-    for ax in (top1, loss):
+    mean = pd.concat(runs.values()).groupby("epoch")[["test_top1", "train_loss"]].mean()
+    for ax, column, colour in ((top1, "test_top1", "C0"), (loss, "train_loss", "C1")):
+        if len(runs) > 1:
+            for i, stats in enumerate(runs.values()):
+                ax.plot(stats.epoch, stats[column], "-", color=colour, lw=0.8, alpha=0.45,
+                        label=", ".join(runs) if i == 0 else None)
+        ax.plot(mean.index, mean[column], "o-", color=colour, lw=2,
+                label=f"mean of {len(runs)} seeds" if len(runs) > 1 else next(iter(runs)))
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        ax.legend(fontsize=7)
+    top1.set(xlabel="epoch", ylabel="test top-1 (%)", title=name)
+    loss.set(xlabel="epoch", ylabel="train loss")
     _save(fig, path, dpi=100)
 
 
