@@ -194,8 +194,8 @@ def submit(configs: list, opts, record: Record) -> list:
         raise UserError(f"--launcher slurm: sbatch refused the array: {'; '.join(errors)}", exit_code=2) from None
     submitted = [Job(config.name, job.job_id, job.paths.stdout) for config, job in zip(configs, jobs, strict=True)]
     record.add(submitted)
-    print(f"submitted {len(jobs)} configurations as job {jobs[0].job_id.split('_')[0]}, logs in {folder}",
-          flush=True)
+    what = f"{len(jobs)} configurations as job array" if len(jobs) > 1 else "1 configuration as job"
+    print(f"submitted {what} {jobs[0].job_id.split('_')[0]}, logs in {folder}", flush=True)
     return submitted
 
 
@@ -271,12 +271,13 @@ def status(configs: list) -> None:
 
 
 def last_line(text_or_log) -> str:
-    """The last line of a message or a log that is not srun's or slurmstepd's own: the error, for a failure."""
+    """The last line of a message or a log that is not srun's, slurmstepd's or submitit's log: the error, for a
+    failure (a traceback's last line, or cls.py's one line)."""
     if isinstance(text_or_log, Path):
         try:
             text_or_log = text_or_log.read_text(errors="replace")
         except OSError as e:
             return f"no log ({e.strerror})"
     lines = [line.strip() for line in text_or_log.splitlines()
-             if line.strip() and not line.startswith(("srun: ", "slurmstepd"))]
+             if line.strip() and not line.startswith(("srun: ", "slurmstepd", "submitit "))]
     return lines[-1] if lines else "nothing"
