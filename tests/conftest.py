@@ -65,7 +65,7 @@ def pytest_report_header(config):
 
 @pytest.fixture(scope="session")
 def slurm(tmp_path_factory):
-    """A one-node SLURM cluster for the session; its .env (SLURM_CONF) is what reaches it."""
+    """A one-node SLURM cluster, started once for all the tests that need it; its .env (SLURM_CONF) reaches it."""
     cluster = slurm_cluster.Cluster(tmp_path_factory.mktemp("slurm"))
     try:
         cluster.start()
