@@ -12,6 +12,7 @@ CIFAR run would take at that speed.
     python bench.py --norms bn wn --batch_size 32                   # norms against the first, as cls.py trains
     python bench.py --wn_overhead --batch_size 32                   # WN against plain convs, eager fp32
     python bench.py --layer_stats_cost --batch_size 32              # the layer statistics against an epoch
+    python bench.py --tensorboard_cost --batch_size 32              # TensorBoard's writes against an epoch
 """
 from utils.cli import exit_on_ctrl_c
 
@@ -20,21 +21,26 @@ if __name__ == "__main__":
 
 import argparse
 import itertools
+import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import torch
 from PIL import Image
 from torchvision import transforms
 
 import cls
-from model import MODELS, NORMS, Norm, ResNet, build_model, conv2d, no_norm
+from model import MODELS, NORMS, Norm, ResNet, build_model, conv2d, no_norm, weight_layers
 from utils import runtime
+from utils.board import Board
 from utils.cli import run_cli
 from utils.data import DATASETS, build_loaders
 from utils.metrics import duration
+from utils.progress import Progress, Totals
+from utils.runfiles import EpochRow
 # Dense bf16 tensor-core peaks from NVIDIA's data sheets, in TFLOP/s; matched in order against the name.
 PEAK_BF16_TFLOPS = [("H100 PCIe", 756), ("H100", 989), ("H200", 989), ("A100", 312)]
 RUN_IMAGES = 90 * 50_000  # one 90-epoch run on CIFAR's training set
@@ -254,6 +260,34 @@ def layer_stats_cost(args, ctx: runtime.Context) -> None:
           f"probe images) {1000 * stats_s:.1f} ms, {100 * stats_s / epoch_s:.3f}% of it (budget 2%)")
 
 
+def tensorboard_cost(args, ctx: runtime.Context) -> None:
+    """TensorBoard's writes in an epoch against the epoch as cls.py trains it: a point at each host sync of an
+    epoch of 50,000 images, then the epoch's end (test metrics, layer statistics, gains, a flush)."""
+    pipeline, run = ours(args, ctx, build_loaders(args, ctx))
+    step_ms = pipeline.measure(args, ctx)["step (ms)"]
+    steps = -(-50_000 // args.batch_size)
+    epoch_s = step_ms / 1000 * steps
+    every = max(1, min(cls.SYNC_EVERY, steps // 10))  # as train_one_epoch syncs
+    syncs = range(every, steps + 1, every)
+    rows, end = run.layer_stats.rows(1), EpochRow(1, args.lr, 2.3, 10.0, 2.3, 10.0, 50.0, epoch_s)
+    seconds = []
+    with tempfile.TemporaryDirectory() as folder:
+        for i in range(args.rounds):
+            progress = Progress.start(1, run.optimizer, ctx.device)
+            with Board(Path(folder) / str(i), True, steps, progress, weight_layers(run.model), {}) as board:
+                sync(ctx.device)
+                start = time.perf_counter()
+                for progress.step in syncs:
+                    board.step(progress, Totals(2.3, 10.0, False, progress.step * args.batch_size), args.lr)
+                board.epoch(end, rows)
+                seconds.append(time.perf_counter() - start)
+        size = sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file()) / args.rounds
+    print(f"{args.backbone_type} {args.norm_type}, batch {args.batch_size}, {ctx.device_name}: an epoch of 50,000 "
+          f"images {epoch_s:.1f} s of steps; TensorBoard's {len(syncs)} points and the epoch's end "
+          f"({len(rows)} layer rows) {1000 * min(seconds):.1f} ms, {100 * min(seconds) / epoch_s:.4f}% of it, "
+          f"{size / 1024:.0f} KiB of events")
+
+
 def main(argv=None) -> None:
     parser = cls.make_parser()
     parser.add_argument("--steps", default=100, type=int, help="timed steps")
@@ -262,8 +296,9 @@ def main(argv=None) -> None:
     parser.add_argument("--norms", nargs="+", choices=list(NORMS), help="time these norms against the first")
     parser.add_argument("--wn_overhead", action="store_true", help="time WN against plain convs, eager fp32")
     parser.add_argument("--layer_stats_cost", action="store_true", help="time the layer statistics against an epoch")
+    parser.add_argument("--tensorboard_cost", action="store_true", help="time TensorBoard's writes against an epoch")
     parser.add_argument("--rounds", default=2, type=int, help="--norms, --wn_overhead: interleaved rounds; "
-                                                               "--layer_stats_cost: timed repeats")
+                                                               "--layer_stats_cost, --tensorboard_cost: timed repeats")
     args = cls.parse_args(argv, parser)
     if args.data_name == "imagenet":
         parser.error("bench.py compares the CIFAR pipelines; use --data_name cifar10, cifar100 or synthetic")
@@ -272,6 +307,8 @@ def main(argv=None) -> None:
         wn_overhead(args, ctx)
     elif args.layer_stats_cost:
         layer_stats_cost(args, ctx)
+    elif args.tensorboard_cost:
+        tensorboard_cost(args, ctx)
     elif args.norms:
         compare_norms(args, ctx)
     elif args.data_only:

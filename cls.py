@@ -14,8 +14,14 @@ Examples:
 
 Each run writes, under --results_dir, {data_name}_{backbone_type}_{norm_type}_{batch_size}_ followed by
 statistics.csv (one row per epoch), layers.csv (per-layer statistics, one row per layer and epoch),
+<<<<<<< HEAD
 args.json, checkpoint.pth (after every epoch and on SIGINT/SIGTERM/SIGUSR2; dropped when the run finishes) and
 model.pth (the final weights), and keeps its row in summary.csv up to date.
+=======
+args.json, checkpoint.pth (after every epoch and on SIGINT/SIGTERM; dropped when the run finishes) and
+model.pth (the final weights), and keeps its row in summary.csv up to date; its TensorBoard events go to
+tensorboard/{name}/ there (docs/tensorboard.md).
+>>>>>>> main
 """
 from utils.cli import exit_on_ctrl_c
 
@@ -38,6 +44,7 @@ import torch.nn.functional as F
 from model import MODELS, NORMS, blocks, build_model, count_params_flops, weight_layers
 from utils import runtime
 from utils.agc import AGC_OFF, AdaptiveGradClip
+from utils.board import Board, board_folder
 from utils.cli import (ArgumentParser, RunDiverged, UserError, at_least, auto_or_natural_float, flag_error,
                        natural_float, natural_int, positive_float, positive_int, run_cli)
 from utils.data import DATASETS, build_loaders, resolve_path
@@ -106,6 +113,8 @@ def make_parser() -> ArgumentParser:
     p.add_argument("--keep_checkpoint", action="store_true", help="keep checkpoint.pth when the run finishes")
     p.add_argument("--layer_stats", default=True, action=argparse.BooleanOptionalAction,
                    help="write {run}_layers.csv, per-layer statistics every epoch")
+    p.add_argument("--tensorboard", default=True, action=argparse.BooleanOptionalAction,
+                   help="write TensorBoard events to {results_dir}/tensorboard/{run}/ (docs/tensorboard.md)")
     p.add_argument("--bf16", default=True, action=argparse.BooleanOptionalAction, help="bf16 autocast on CUDA")
     p.add_argument("--compile", default="auto", choices=["auto", "off", "default", "reduce-overhead"],
                    help="torch.compile mode; auto: reduce-overhead (CUDA graphs) on one CUDA device, else off")
@@ -129,7 +138,7 @@ def parse_args(argv=None, parser=None) -> argparse.Namespace:
 # Flags a resumed run may change: where and how it runs, never what it trains. Every other flag defines the
 # run: it names the run's files, and a resume must match it, or one CSV would mix two recipes.
 RESUMABLE_CHANGES = {"resume", "device", "workers", "data_path", "results_dir", "compile", "keep_checkpoint",
-                     "layer_stats"}
+                     "layer_stats", "tensorboard"}
 
 
 def defining_flags(parser: argparse.ArgumentParser) -> list:
@@ -159,7 +168,7 @@ def train_step(model, optimizer, scheduler, x, y, autocast, agc=AGC_OFF) -> tupl
 
 
 def train_one_epoch(run: "Run", loader, progress: Progress, ctx: runtime.Context, stop: runtime.StopSignal,
-                    epochs: int) -> None:
+                    epochs: int, board: Board) -> None:
     """Train from progress.step to the end of the epoch. Raises Interrupted at the first safe point after a
     signal, Diverged on a NaN or infinite loss; under DDP all ranks agree on both, through the all-reduce
     of Progress.totals every few steps."""
@@ -179,6 +188,7 @@ def train_one_epoch(run: "Run", loader, progress: Progress, ctx: runtime.Context
             progress.step += 1
             if progress.step % every == 0 or (ctx.world == 1 and stop.signum):
                 totals = progress.totals(ctx, stop.signum)
+                board.step(progress, totals, run.optimizer.param_groups[0]["lr"])  # the stopping step's too
                 if totals.stopping:
                     raise runtime.Interrupted()
                 shown.update(images_done(), totals.loss, totals.top1)
@@ -313,8 +323,8 @@ def initialize(norm, model: nn.Module, args, data, ctx: runtime.Context) -> Opti
     except RuntimeError as e:  # torch.OutOfMemoryError on CUDA; a plain RuntimeError from the CPU's allocator
         if not (isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e)):
             raise
-        raise flag_error("--init_images", f"{used[0]} images do not fit in the memory of {ctx.device} in one "
-                                          f"batch; use fewer") from None
+        raise flag_error("--init_images", f"{used[0] if used else 'the'} init images do not fit in the memory of "
+                                          f"{ctx.device} in one batch; use fewer") from None
     return used[0] if used else None
 
 
@@ -346,14 +356,14 @@ def build(args, ctx: runtime.Context, data) -> Run:
 # -----------------------------------------------------------------------------
 # the loop
 
-def run_epoch(run: Run, data, record: RunRecord, progress: Progress, ctx: runtime.Context,
+def run_epoch(run: Run, data, record: RunRecord, board: Board, progress: Progress, ctx: runtime.Context,
               stop: runtime.StopSignal, args) -> Progress:
     """Finish the epoch under way, evaluate it, and record it; returns the progress of the next epoch."""
     epoch = progress.epoch
     data.train.set_epoch(epoch, progress.step)
     start = time.time()
     try:
-        train_one_epoch(run, data.train, progress, ctx, stop, args.epochs)
+        train_one_epoch(run, data.train, progress, ctx, stop, args.epochs, board)
     finally:
         progress.seconds += time.time() - start
     train = progress.totals(ctx)
@@ -368,6 +378,7 @@ def run_epoch(run: Run, data, record: RunRecord, progress: Progress, ctx: runtim
         record.end_epoch(row, layer_rows, run.state(following, ctx))
     else:
         record.finish(row, layer_rows, run.model.state_dict(), run.state(following, ctx))
+    board.epoch(row, layer_rows)
     ctx.log(f"epoch {epoch}/{args.epochs}: train loss {train.loss:.4f} top-1 {train.top1:.2f}% | test loss "
             f"{test['loss']:.4f} top-1 {test['top1']:.2f}% top-5 {test['top5']:.2f}% | {row.seconds:.1f} s")
     return following
@@ -387,13 +398,18 @@ def head(args, ctx: runtime.Context, data=None, run: Run = None) -> dict:
 def train(args, ctx: runtime.Context, record: RunRecord) -> None:
     data = build_loaders(args, ctx)
     run = build(args, ctx, data)
-    state = record.start(head(args, ctx, data, run), args.resume, ctx.device)
+    recipe = head(args, ctx, data, run)
+    state = record.start(recipe, args.resume, ctx.device)
     progress = run.load(state, ctx) if state else Progress.start(1, run.optimizer, ctx.device)
     ctx.log(f"{args.name}: {run.params / 1e6:.2f}M params, {human(run.flops)} FLOPs, {ctx.world} x {ctx.device_name}")
-    with runtime.StopSignal() as stop:
+    events = board_folder(args.results_dir, args.name)
+    with runtime.StopSignal() as stop, Board(events, args.tensorboard and ctx.is_main, len(data.train), progress,
+                                             weight_layers(run.model), recipe) as board:
+        if args.tensorboard:
+            ctx.log(f"curves as it trains: tensorboard --logdir {args.results_dir} (events in {events})")
         try:
             while progress.epoch <= args.epochs:
-                progress = run_epoch(run, data, record, progress, ctx, stop, args)
+                progress = run_epoch(run, data, record, board, progress, ctx, stop, args)
         except runtime.Diverged as e:
             record.diverge(str(e))
             raise RunDiverged(f"{args.name} diverged: {e}. Its {len(record.epochs)} finished epochs are in "

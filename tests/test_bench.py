@@ -56,3 +56,10 @@ def test_layer_stats_cost_is_a_share_of_an_epoch(bench):
     out = bench("--layer_stats_cost", "--rounds", "1")
     # --subset 32: the probe batch is every training image there is, not 128
     assert re.search(r"the layer statistics \(32 probe images\) [\d.]+ ms, [\d.]+% of it \(budget 2%\)$", out, re.M)
+
+
+def test_tensorboard_cost_is_a_share_of_an_epoch(bench):
+    out = bench("--tensorboard_cost", "--rounds", "1")
+    # batch 8: 6250 steps an epoch, a host sync every 25
+    assert re.search(r"TensorBoard's 250 points and the epoch's end \(\d+ layer rows\) [\d.]+ ms, [\d.]+% of it, "
+                     r"\d+ KiB of events$", out, re.M)

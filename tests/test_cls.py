@@ -182,13 +182,14 @@ def test_bad_flags(data, earlier, capsys, flag, value, words):
 
 
 def test_an_init_batch_that_does_not_fit_in_memory_is_one_line(data, earlier, capsys, monkeypatch):
-    def out_of_memory(model, x, residual_scale):
+    def out_of_memory(model, images, residual_scale):
+        images()
         torch.empty(2**50)  # 4 PiB: what 50,000 images through a ResNet at once ask of a 24 GB machine, and more
 
     monkeypatch.setitem(NORMS, "wn", dataclasses.replace(NORMS["wn"], init=out_of_memory))
     status, _, err = run_cls_here(capsys, "--data_path", str(data), "--norm_type", "wn", "--init_images", "40",
                                   "--results_dir", str(earlier[0]))
-    assert_clean_failure(status, err, earlier, "--init_images", "do not fit in the memory of cpu")
+    assert_clean_failure(status, err, earlier, "--init_images", "40 init images do not fit in the memory of cpu")
 
 
 def test_a_batch_larger_than_a_subset_is_refused(data, earlier, capsys):

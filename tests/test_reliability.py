@@ -95,7 +95,7 @@ def test_sigkill_in_epoch_2_then_resume_gives_the_uninterrupted_csvs(tmp_path, d
     proc.communicate()
     assert len(statistics(tmp_path)) < 4
     assert summary_row(tmp_path).status == "incomplete"
-    killed = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    killed = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
     # Another lr is another run, with files of its own: no two recipes in one CSV.
     status, _, err = run_cls_here(capsys, *args, "--resume", "--lr", "0.5", "--epochs", "1")
     assert status == 0, err
@@ -153,13 +153,13 @@ def test_a_diverging_run_stops_and_is_marked_diverged(tmp_path, data, capsys):
 def test_rerunning_a_finished_configuration_does_not_clobber_it(tmp_path, data, uninterrupted, capsys):
     shutil.copytree(uninterrupted.results, tmp_path, dirs_exist_ok=True)
     args = ["--data_path", str(data), *RUN, "--results_dir", str(tmp_path)]
-    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    before = {str(p.relative_to(tmp_path)): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}  # events too
     assert not any(name.endswith("_checkpoint.pth") for name in before)  # dropped when it finished
     status, _, err = run_cls_here(capsys, *args)
     assert status == 1 and "--resume" in err and len(err.strip().splitlines()) == 1
     status, out, _ = run_cls_here(capsys, *args, "--resume")
     assert status == 0 and "already finished" in out
-    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    assert {str(p.relative_to(tmp_path)): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
     name = cls.parse_args([*NARROW, *args]).name
     for flag, value in (("--epochs", "5"), ("--lr", "0.01"), ("--optimizer", "adam"), ("--width", "16")):
         assert cls.parse_args([*NARROW, *args, flag, value]).name != name  # another run, with its own files

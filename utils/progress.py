@@ -19,6 +19,7 @@ class Totals:
     loss: float  # mean per image
     top1: float  # %
     stopping: bool  # a rank caught SIGINT or SIGTERM
+    images: float  # the images the means are over
 
 
 @dataclass
@@ -44,7 +45,7 @@ class Progress:
         loss, correct, images, stopping = ctx.all_sum(sums).tolist()
         if not math.isfinite(loss):
             raise runtime.Diverged(f"loss became {loss} in epoch {self.epoch} by step {self.step}")
-        return Totals(loss / max(images, 1), 100 * correct / max(images, 1), bool(stopping))
+        return Totals(loss / max(images, 1), 100 * correct / max(images, 1), bool(stopping), images)
 
     def state_dict(self, ctx: runtime.Context) -> dict:
         """For a checkpoint: the sums of all ranks together, which rank 0 carries on a resume."""

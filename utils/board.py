@@ -1,0 +1,105 @@
+"""A live view of a run in TensorBoard: `tensorboard --logdir results` (docs/tensorboard.md).
+
+The events of run NAME go to {results_dir}/tensorboard/NAME/, one file per process that trained it. The x axis
+of every curve is the global step: training steps done, (epoch - 1) x steps per epoch + step in the epoch."""
+import math
+from pathlib import Path
+
+import torch
+
+from utils.cli import UserError
+from utils.progress import Progress, Totals
+
+SUBFOLDER = "tensorboard"
+FLUSH_SECS = 30  # the longest a point waits in memory before TensorBoard can see it; every epoch end flushes too
+
+
+def board_folder(results_dir, name: str) -> Path:
+    return Path(results_dir) / SUBFOLDER / name
+
+
+class Board:
+    """What the loop shows TensorBoard, through three calls: step() at the host syncs the epoch already makes
+    (never one of its own), epoch() at every epoch's end, close() (or the end of a with block). Disabled
+    (--no-tensorboard, or a DDP rank other than 0), it writes nothing and imports nothing.
+
+    A resumed run writes a new file in the same folder, which begins with SummaryWriter's purge_step: TensorBoard
+    then hides the points earlier processes wrote after the step resumed from, which a process killed before
+    its checkpoint leaves behind, so every curve holds each step once. A run that starts from its first step
+    hides all earlier points.
+
+    progress: where the run starts; layers: {name: model.WeightLayer}, whose own per-channel gains (WN's g,
+    scaled WS's gain) it draws as histograms; recipe: args.json's head, which a run that starts from its first
+    step shows as a table."""
+
+    def __init__(self, path: Path, enabled: bool, steps_per_epoch: int, progress: Progress, layers: dict,
+                 recipe: dict):
+        self.enabled, self.writer = enabled, None
+        if not enabled:
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard, or pass "
+                            "--no-tensorboard") from None
+        self.steps_per_epoch = steps_per_epoch
+        self.gains = {name: layer.gain for name, layer in layers.items() if layer.gain is not None}
+        start = self.global_step(progress.epoch, progress.step)
+        # The sums of the epoch so far, at the last point: each point is the mean of the steps since the last one.
+        # On a resume mid-epoch rank 0 holds every rank's sums (Progress.from_state); one host copy per run.
+        loss, correct, images = torch.stack([progress.loss, progress.correct, progress.images]).tolist()
+        self.last = Totals(loss / max(images, 1), 100 * correct / max(images, 1), False, images)
+        self.writer = SummaryWriter(str(path), purge_step=start + 1 if start else 0, flush_secs=FLUSH_SECS)
+        if not start:
+            table = "\n".join(f"| {k} | {str(v).replace('|', '&#124;')} |" for k, v in recipe.items())
+            self.writer.add_text("recipe", f"| flag | value |\n|---|---|\n{table}", 0)
+
+    def global_step(self, epoch: int, step: int) -> int:
+        """Training steps done by `step` steps into `epoch` (1-based)."""
+        return (epoch - 1) * self.steps_per_epoch + step
+
+    def step(self, progress: Progress, totals: Totals, lr: float) -> None:
+        """train/loss and train/top1: the means over the images since the previous point, all ranks together;
+        train/lr: the learning rate of the next step. totals: the epoch so far, as Progress.totals gives it."""
+        if not self.enabled:
+            return
+        images = totals.images - self.last.images
+        if images > 0:
+            step = self.global_step(progress.epoch, progress.step)
+            loss = (totals.loss * totals.images - self.last.loss * self.last.images) / images
+            top1 = (totals.top1 * totals.images - self.last.top1 * self.last.images) / images
+            self.writer.add_scalar("train/loss", loss, step)
+            self.writer.add_scalar("train/top1", top1, step)
+            self.writer.add_scalar("train/lr", lr, step)
+        self.last = totals
+
+    def epoch(self, row, layer_rows: list) -> None:
+        """At the end of epoch row.epoch: its test metrics (a runfiles.EpochRow), the layer statistics as one
+        scalar per statistic and layer (LAYER_COLUMNS; no point where a layer has no such value), and the
+        distribution of each layer's own gain over its output channels."""
+        if not self.enabled:
+            return
+        step = row.epoch * self.steps_per_epoch
+        for name in ("loss", "top1", "top5"):
+            self.writer.add_scalar(f"test/{name}", getattr(row, f"test_{name}"), step)
+        for r in layer_rows:
+            for stat, value in r.items():
+                if stat not in ("epoch", "layer", "kind") and not math.isnan(value):
+                    self.writer.add_scalar(f"{stat}/{r['layer']}", value, step)
+        if self.gains:  # one host copy for all the layers
+            gains = torch.cat([g.detach().float().flatten() for g in self.gains.values()]).cpu()
+            for layer, g in zip(self.gains, gains.split([g.numel() for g in self.gains.values()])):
+                self.writer.add_histogram(f"g/{layer}", g, step)
+        self.last = Totals(0.0, 0.0, False, 0)  # the next epoch's sums start from zero
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+    def __enter__(self) -> "Board":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
