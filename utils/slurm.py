@@ -96,7 +96,10 @@ class Element(submitit.helpers.Checkpointable):
                 raise
             # Stopped at SLURM's warning with the checkpoint saved. submitit's handler, back in place, requeues the
             # job from rank 0 and exits, or raises once --max_requeues is spent. The other ranks end quietly: a
-            # failed task can make srun (KillOnBadExit) kill rank 0 before it has requeued the job.
+            # failed task can make srun (KillOnBadExit) kill rank 0 before it has requeued the job. The requeue
+            # sends SIGTERM to every process of the job, the `scontrol requeue` that asked for it too, which then
+            # fails the handler at random; ignored here, SIGTERM is ignored in scontrol, which inherits that.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
             signal.raise_signal(signal.SIGUSR2)
 
 
