@@ -14,9 +14,14 @@ Examples:
 
 Each run writes, under --results_dir, {data_name}_{backbone_type}_{norm_type}_{batch_size}_ followed by
 statistics.csv (one row per epoch), layers.csv (per-layer statistics, one row per layer and epoch),
+<<<<<<< HEAD
+args.json, checkpoint.pth (after every epoch and on SIGINT/SIGTERM/SIGUSR2; dropped when the run finishes) and
+model.pth (the final weights), and keeps its row in summary.csv up to date.
+=======
 args.json, checkpoint.pth (after every epoch and on SIGINT/SIGTERM; dropped when the run finishes) and
 model.pth (the final weights), and keeps its row in summary.csv up to date; its TensorBoard events go to
 tensorboard/{name}/ there (docs/tensorboard.md).
+>>>>>>> main
 """
 from utils.cli import exit_on_ctrl_c
 

@@ -4,13 +4,17 @@ resumes, so a sweep can simply be started again after any interruption.
 Examples:
     python sweep.py --backbone_type resnet18 --norm_type bn in wn --batch_size 1 2 4 8 16 32 64 128 256 --epochs 90
     python sweep.py --norm_type bn in gn wn wn_mbn --batch_size 32 --epochs 15 --jobs auto
+    python sweep.py --norm_type bn wn --seed 0 1 2 --lr 1e-3 3e-3
     torchrun --nproc_per_node 4 sweep.py --data_name imagenet --norm_type bn gn --batch_size 32 64
+    python sweep.py --launcher slurm --norm_type bn in gn wn wn_mbn --batch_size 32 --partition gpu  # docs/cluster.md
 
-The four grid flags take several values; every other flag is cls.py's and goes to every run unchanged.
+Every flag of cls.py that defines a run and takes a value takes several here; the grid is their product, one
+cls.py run a point, and a run asked for twice runs once. Every other flag goes to every run unchanged.
 With --jobs 1 the configurations run one after another in this process (under torchrun, each on all the
 processes). With --jobs N, N of them run at once, each as its own cls.py process on the same device, with
 its output in {results_dir}/{run}.log: small batches leave most of a GPU idle (on an H100, six batch-32
 runs on one H100 took 270 s together, about 100 s each alone). --jobs auto picks N from the free GPU memory.
+With --launcher slurm the grid is one SLURM job array, an element a configuration (utils/slurm.py).
 """
 from utils.cli import exit_on_ctrl_c
 
@@ -30,14 +34,11 @@ from pathlib import Path
 import torch
 
 import cls
-from model import MODELS, NORMS
-from utils import runtime
-from utils.cli import ArgumentParser, RunDiverged, UserError, auto_or_positive_int, positive_int, run_cli
-from utils.data import DATASETS
+from utils import runtime, slurm
+from utils.cli import ArgumentParser, RunDiverged, UserError, auto_or_positive_int, run_cli
 from utils.runfiles import DONE, RunRecord
 
 
-GRID = {"data_name": list(DATASETS), "backbone_type": list(MODELS), "norm_type": list(NORMS), "batch_size": None}
 # GPU memory a run may take. A budget, not a measurement: ResNet-18 at batch 32 holds CIFAR-10 twice as uint8
 # (0.5 GB), the weights with AdamW's state, CUDA graphs' pools and a batch-500 evaluation.
 GIB_PER_RUN = 4
@@ -59,22 +60,36 @@ class Config:
         return RunRecord(self.args.results_dir, self.name, cls.DEFAULTS, enabled=False, renamed=cls.RENAMED_FLAGS)
 
 
-def parse(argv=None) -> tuple:
-    """([Config], --jobs). Bad flags stop the sweep here, before any run."""
+def grid_actions(parser: argparse.ArgumentParser) -> list:
+    """cls.py's flags that define a run and take a value; switches (--bf16, --sync_bn) pass through as one."""
+    return [a for a in parser._actions if a.dest in cls.DEFINING_FLAGS and a.option_strings and a.nargs is None]
+
+
+def make_parser() -> ArgumentParser:
     p = ArgumentParser(description=__doc__)
-    defaults = cls.make_parser().parse_args([])
-    for flag, choices in GRID.items():
-        p.add_argument(f"--{flag}", nargs="+", default=[getattr(defaults, flag)], choices=choices,
-                       type=positive_int if flag == "batch_size" else str)
+    grid = p.add_argument_group("the grid", "cls.py's flags that define a run, each with one or more values")
+    for a in grid_actions(cls.make_parser()):  # their types and choices, so a bad value stops the sweep here
+        grid.add_argument(*a.option_strings, dest=a.dest, nargs="+", type=a.type, choices=a.choices, help=a.help)
+    p.add_argument("--launcher", default="local", choices=["local", "slurm"],
+                   help="local: in this process or --jobs processes; slurm: a SLURM job array (docs/cluster.md)")
     p.add_argument("--jobs", default=1, type=auto_or_positive_int, help="configurations at once, each its own process")
-    grid, rest = p.parse_known_args(argv)
-    jobs = grid.__dict__.pop("jobs")
+    p.add_argument("--status", action="store_true",
+                   help="list each configuration's state, from its files and the SLURM queue; run nothing")
+    slurm.add_arguments(p)
+    return p
+
+
+def parse(argv=None) -> tuple:
+    """([Config], the sweep's own options). Bad flags stop the sweep here, before any run."""
+    opts, rest = make_parser().parse_known_args(argv)
+    grid = {a.dest: opts.__dict__.pop(a.dest) for a in grid_actions(cls.make_parser())}
+    grid = {flag: values for flag, values in grid.items() if values is not None}
     configs = {}  # by name: a run named twice runs once
-    for values in itertools.product(*vars(grid).values()):
-        argv = [f"--{k}={v}" for k, v in zip(GRID, values, strict=True)] + rest + ["--resume"]
+    for values in itertools.product(*grid.values()):
+        argv = [f"--{flag}={value}" for flag, value in zip(grid, values, strict=True)] + rest + ["--resume"]
         config = Config(argv, cls.parse_args(argv))
         configs.setdefault(config.name, config)
-    return list(configs.values()), jobs
+    return list(configs.values()), opts
 
 
 def auto_jobs(n_configs: int, device) -> int:
@@ -199,7 +214,16 @@ def last_line(log: Path) -> str:
 
 
 def main(argv=None) -> None:
-    configs, jobs = parse(argv)
+    configs, opts = parse(argv)
+    if opts.status:
+        return slurm.status(configs)
+    if opts.launcher == "slurm":
+        if opts.jobs != 1:
+            raise UserError("--jobs is for --launcher local; on SLURM, --array_parallelism caps the runs at once",
+                            exit_code=2)
+        slurm.check_cluster(opts)
+        return slurm.launch([c for c in configs if not done(c)], opts)
+    jobs = opts.jobs
     if jobs == "auto":
         jobs = auto_jobs(len(configs), configs[0].args.device)
     if jobs > 1 and runtime.process_place()[1] > 1:

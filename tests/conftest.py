@@ -1,6 +1,6 @@
 """Tiny datasets in the official on-disk formats, helpers that run cls.py as a user would, the one
-uninterrupted run that several tests compare against, and the deselection of the CUDA tests on a machine
-without CUDA.
+uninterrupted run that several tests compare against, the deselection of the CUDA tests on a machine
+without CUDA and of the SLURM tests where no cluster can start, and that cluster.
 
 Tests that check the machinery train networks of --width 8, about 60x cheaper than the papers' 64; the
 params/FLOPs tests use the real widths."""
@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import cls  # noqa: E402
+import slurm_cluster  # noqa: E402
 from model import build_model, count_params_flops  # noqa: E402
 from utils.cli import run_cli  # noqa: E402
 from utils.data import DATASETS  # noqa: E402
@@ -33,21 +34,44 @@ ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1"}
 
 
 # -----------------------------------------------------------------------------
-# CUDA tests: deselected, and said so in the summary line, where there is no CUDA device
+# CUDA and SLURM tests: deselected, and said so in the header and the summary line, where there is no CUDA
+# device, or where no SLURM cluster can start (tests/slurm_cluster.py: the binaries installed, and root)
+
+def missing_environments() -> dict:
+    """{marker: why its tests cannot run here}."""
+    missing = {"slurm": slurm_cluster.unavailable()}
+    if not torch.cuda.is_available():
+        missing["cuda"] = "no CUDA device"
+    return {marker: why for marker, why in missing.items() if why}
+
 
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    deselected = [item for item in items if "cuda" in item.keywords]
+    missing = missing_environments()
+    deselected = [item for item in items if any(marker in item.keywords for marker in missing)]
     if deselected:
         config.hook.pytest_deselected(items=deselected)
-        items[:] = [item for item in items if "cuda" not in item.keywords]
+        items[:] = [item for item in items if item not in deselected]
 
 
 def pytest_report_header(config):
-    if not torch.cuda.is_available():
-        return "no CUDA device: the tests marked cuda (tests/test_cuda.py) are deselected"
-    return f"CUDA device: {torch.cuda.get_device_name()}"
+    missing = missing_environments()
+    lines = [f"{why}: the tests marked {marker} are deselected" for marker, why in missing.items()]
+    if "cuda" not in missing:
+        lines.append(f"CUDA device: {torch.cuda.get_device_name()}")
+    if "slurm" not in missing:
+        lines.append("SLURM: the tests marked slurm run on a one-node cluster started for them")
+    return lines
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory):
+    """A one-node SLURM cluster, started once for all the tests that need it; its .env (SLURM_CONF) reaches it."""
+    cluster = slurm_cluster.Cluster(tmp_path_factory.mktemp("slurm"))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 # -----------------------------------------------------------------------------

@@ -112,15 +112,17 @@ def test_sigkill_in_epoch_2_then_resume_gives_the_uninterrupted_csvs(tmp_path, d
     assert summary.status.to_dict() == {cls.parse_args([*NARROW, *args]).name: "finished", other: "finished"}
 
 
-def test_sigterm_mid_epoch_leaves_a_loadable_checkpoint_and_a_consistent_csv(tmp_path, data, uninterrupted, capsys):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR2])  # USR2: SLURM's warning before a time limit
+def test_a_stop_signal_mid_epoch_leaves_a_loadable_checkpoint_and_a_consistent_csv(tmp_path, data, uninterrupted,
+                                                                                    capsys, signum):
     args = ["--data_path", str(data), *RUN, "--results_dir", str(tmp_path)]
     proc = start_cls(*args)
     wait_for_epochs(tmp_path, 1, proc)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM
+    assert proc.returncode == 128 + signum
     lines = stderr.strip().splitlines()
-    assert "--resume" in lines[-1] and "SIGTERM" in lines[-1] and "Traceback" not in stderr
+    assert "--resume" in lines[-1] and signal.Signals(signum).name in lines[-1] and "Traceback" not in stderr
 
     (checkpoint_path,) = tmp_path.glob("*_checkpoint.pth")
     checkpoint = torch.load(checkpoint_path, weights_only=False)

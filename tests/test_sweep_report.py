@@ -1,5 +1,6 @@
 """sweep.py runs a grid, one after another or side by side, and skips what is finished; report.py turns the
 CSVs into the table and the plots."""
+import json
 import multiprocessing
 import re
 import signal
@@ -15,6 +16,7 @@ from PIL import Image
 
 import cls
 import report
+from sweep import parse as parse_sweep
 from conftest import ENV, NARROW, ROOT, write_cifar
 from utils.metrics import human
 from utils.runfiles import write_summary_row
@@ -116,6 +118,40 @@ def test_a_finished_parallel_sweep_is_skipped_when_run_again(parallel):
     again = parallel.again
     assert again.code == 0 and again.out.count("is already finished") == 2 and "started" not in again.out, again.err
     assert again.files == parallel.finished.files
+
+
+def test_the_grid_takes_several_values_of_every_defining_flag_with_its_type_and_choices():
+    configs, _ = parse_sweep(["--seed", "0", "1", "--norm_type", "bn", "wn", "--lr", "1e-3", "0.001", "--no-bf16",
+                              "--residual_scale", "0.5"])
+    grid = [(c.args.seed, c.args.norm_type) for c in configs]
+    assert sorted(grid) == [(0, "bn"), (0, "wn"), (1, "bn"), (1, "wn")]  # 1e-3 and 0.001 are one run
+    assert len({tuple(c.argv) for c in configs}) == 4
+    assert all(c.args.lr == 0.001 and c.args.residual_scale == 0.5 and not c.args.bf16 for c in configs)
+
+
+@pytest.mark.parametrize("flag", ["--residual_scale -1", "--optimizer sgd", "--seed one"])
+def test_a_bad_grid_value_stops_the_sweep_before_any_run(flag, capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_sweep(["--seed", "0", "1", *flag.split()])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and flag.split()[0] in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_grid_over_seeds_writes_a_run_for_each_seed(data, tmp_path):
+    proc = sweep("--seed", "0", "1", "--norm_type", "bn", "wn", "--epochs", "1", "--batch_size", "10", "--data_path",
+                 str(data), "--results_dir", str(tmp_path))
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    runs = [json.loads(p.read_text()) for p in tmp_path.glob("*_args.json")]
+    assert sorted((run["seed"], run["norm_type"]) for run in runs) == [(0, "bn"), (0, "wn"), (1, "bn"), (1, "wn")]
+
+
+def test_the_same_run_asked_for_twice_runs_once(data, tmp_path):
+    proc = sweep("--jobs", "2", "--norm_type", "bn", "bn", "--epochs", "1", "--batch_size", "10", "--data_path",
+                 str(data), "--results_dir", str(tmp_path))
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert out.count("started") == 1 and len(pd.read_csv(tmp_path / "summary.csv")) == 1
 
 
 def write_rows(results, worker, n):

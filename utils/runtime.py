@@ -101,13 +101,15 @@ class Interrupted(Exception):
 
 
 class StopSignal:
-    """Within `with StopSignal() as stop:`, SIGINT and SIGTERM set stop.signum, which the loop polls after a
-    step, its safe point. A second signal of the same kind acts at once, as usual. The handlers before it
-    come back at the end, for callers that run several configurations in one process."""
+    """Within `with StopSignal() as stop:`, SIGINT, SIGTERM and SIGUSR2 (SLURM's warning before a time limit,
+    utils/slurm.py) set stop.signum, which the loop polls after a step, its safe point. A second signal of the
+    same kind acts at once, as usual. The handlers before it come back at the end, for callers that run several
+    configurations in one process, and for submitit's, which requeues a job after USR2."""
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)
 
     def __enter__(self):
         self.signum = 0
-        self.previous = {s: signal.signal(s, self._catch) for s in (signal.SIGINT, signal.SIGTERM)}
+        self.previous = {s: signal.signal(s, self._catch) for s in self.SIGNALS}
         return self
 
     def __exit__(self, *exc_info):
