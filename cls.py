@@ -12,16 +12,12 @@ Examples:
     torchrun --nproc_per_node 8 cls.py --data_name imagenet --batch_size 32    # 32 per GPU, 256 in all
     python cls.py --norm_type wn --resume                  # continue (or skip, if done) a stopped run
 
-Each run writes, under --results_dir, {data_name}_{backbone_type}_{norm_type}_{batch_size}_ followed by
-statistics.csv (one row per epoch), layers.csv (per-layer statistics, one row per layer and epoch),
-<<<<<<< HEAD
-args.json, checkpoint.pth (after every epoch and on SIGINT/SIGTERM/SIGUSR2; dropped when the run finishes) and
-model.pth (the final weights), and keeps its row in summary.csv up to date.
-=======
-args.json, checkpoint.pth (after every epoch and on SIGINT/SIGTERM; dropped when the run finishes) and
-model.pth (the final weights), and keeps its row in summary.csv up to date; its TensorBoard events go to
+Each run is named by its recipe: cifar10_resnet18_wn_32 for the defaults, cifar10_resnet18_wn_32_seed1 for
+another seed (docs/reliability.md). It writes, under --results_dir, {name}_ followed by statistics.csv (one row
+per epoch), layers.csv (per-layer statistics, one row per layer and epoch), args.json (how it was made, and its
+status), checkpoint.pth (after every epoch and on SIGINT/SIGTERM/SIGUSR2; dropped when the run finishes) and
+model.pth (the final weights), keeps its row in summary.csv up to date, and writes its TensorBoard events to
 tensorboard/{name}/ there (docs/tensorboard.md).
->>>>>>> main
 """
 from utils.cli import exit_on_ctrl_c
 
