@@ -193,14 +193,17 @@ def draw_architecture(path: Path) -> None:
             ("gn", "conv: w", CONV, "GroupNorm: per image,\n32 channel groups", NORM_LAYER),
             ("wn", "conv: w = g * v / ||v||\n+ bias", WN_CONV, "no norm layer: WN is a\nreparameterization of w",
              OTHER),
-            ("wn_mbn", "conv: w = g * v / ||v||", WN_CONV, "mean-only BN:\nx - batch mean + bias", NORM_LAYER)]
+            ("wn_mbn", "conv: w = g * v / ||v||", WN_CONV, "mean-only BN:\nx - batch mean + bias", NORM_LAYER),
+            ("ws_gn", "conv: w = (v - μ) / σ", WN_CONV, "GroupNorm: per image,\n32 channel groups", NORM_LAYER),
+            ("sws", "conv: w = γ gain (v - μ)\n/ (σ √fan_in) + bias", WN_CONV,
+             "no norm layer: scaled\nweight standardization", OTHER)]
     for i, (name, conv, conv_colour, norm, norm_colour) in enumerate(rows):
-        y = 48 - 9 * i
+        y = 49 - 6.5 * i
         ax.text(68, y, name, fontsize=10, weight="bold", va="center")
         _box(ax, 87, y, 17, 5.5, conv, conv_colour, size=8.5)
         _arrow(ax, 96.5, y, 101.5, y)
         _box(ax, 112, y, 19, 5.5, norm, norm_colour, size=8.5)
-    ax.text(68, 2.5, "||v|| over all dims but the output channel, in float32; g and bias: one per output channel "
-            "(Salimans & Kingma 2016)", fontsize=8.5)
+    ax.text(68, 2.5, "||v||, μ and σ over all dims but the output channel; g, gain and bias: one per output "
+            "channel", fontsize=8.5)
     fig.savefig(path, dpi=130, bbox_inches="tight")
     plt.close(fig)
