@@ -12,7 +12,7 @@ Every flag of cls.py that defines a run and takes a value takes several here; th
 cls.py run a point, and a run asked for twice runs once. Every other flag goes to every run unchanged.
 With --jobs 1 the configurations run one after another in this process (under torchrun, each on all the
 processes). With --jobs N, N of them run at once, each as its own cls.py process on the same device, with
-its output in {results_dir}/{run}.log: small batches leave most of a GPU idle (on an H100, six batch-32
+its output in {results_dir}/{run}.log: small batches leave most of a GPU idle (six batch-32
 runs on one H100 took 270 s together, about 100 s each alone). --jobs auto picks N from the free GPU memory.
 With --launcher slurm the grid is one SLURM job array, an element a configuration (utils/slurm.py).
 """
