@@ -36,7 +36,7 @@ import cls
 from model import MODELS, NORMS, Norm, ResNet, build_model, conv2d, no_norm, weight_layers
 from utils import runtime
 from utils.board import Board
-from utils.cli import run_cli
+from utils.cli import natural_int, positive_int, run_cli
 from utils.data import DATASETS, build_loaders
 from utils.metrics import duration
 from utils.progress import Progress, Totals
@@ -290,18 +290,20 @@ def tensorboard_cost(args, ctx: runtime.Context) -> None:
 
 def main(argv=None) -> None:
     parser = cls.make_parser()
-    parser.add_argument("--steps", default=100, type=int, help="timed steps")
-    parser.add_argument("--warmup", default=10, type=int, help="untimed steps first (compile, CUDA graphs)")
+    parser.add_argument("--steps", default=100, type=positive_int, help="timed steps")
+    parser.add_argument("--warmup", default=10, type=natural_int, help="untimed steps first (compile, CUDA graphs)")
     parser.add_argument("--data_only", action="store_true", help="time the data pipelines alone")
     parser.add_argument("--norms", nargs="+", choices=list(NORMS), help="time these norms against the first")
     parser.add_argument("--wn_overhead", action="store_true", help="time WN against plain convs, eager fp32")
     parser.add_argument("--layer_stats_cost", action="store_true", help="time the layer statistics against an epoch")
     parser.add_argument("--tensorboard_cost", action="store_true", help="time TensorBoard's writes against an epoch")
-    parser.add_argument("--rounds", default=2, type=int, help="--norms, --wn_overhead: interleaved rounds; "
+    parser.add_argument("--rounds", default=2, type=positive_int, help="--norms, --wn_overhead: interleaved rounds; "
                                                                "--layer_stats_cost, --tensorboard_cost: timed repeats")
     args = cls.parse_args(argv, parser)
     if args.data_name == "imagenet":
         parser.error("bench.py compares the CIFAR pipelines; use --data_name cifar10, cifar100 or synthetic")
+    if args.layer_stats_cost and not args.layer_stats:
+        parser.error("--layer_stats_cost times the layer statistics, which --no-layer_stats turns off; drop one")
     ctx = runtime.setup(args)
     if args.wn_overhead:
         wn_overhead(args, ctx)

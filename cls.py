@@ -37,12 +37,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import MODELS, NORMS, blocks, build_model, count_params_flops, weight_layers
+from model import MODELS, NORMS, blocks, build_model, count_params_flops, min_width, weight_layers
 from utils import runtime
 from utils.agc import AGC_OFF, AdaptiveGradClip
 from utils.board import Board, board_folder
 from utils.cli import (ArgumentParser, RunDiverged, UserError, at_least, auto_or_natural_float, flag_error,
-                       natural_float, natural_int, positive_float, positive_int, run_cli)
+                       natural_float, natural_int, positive_float, positive_int, run_cli, seed_int)
 from utils.data import DATASETS, build_loaders, resolve_path
 from utils.layerstats import LayerStats
 from utils.metrics import human, topk_correct
@@ -85,7 +85,7 @@ def make_parser() -> ArgumentParser:
                    help="per step after the warmup: cosine to 0, or x0.1 at 50%% and 75%% of the steps")
     p.add_argument("--warmup_epochs", default=1.0, type=natural_float,
                    help="linear warmup from lr/steps to lr; at most half of --epochs, and recorded as used")
-    p.add_argument("--seed", default=0, type=int, help="seeds the weights, the data order and the augmentation")
+    p.add_argument("--seed", default=0, type=seed_int, help="seeds the weights, the data order and the augmentation")
     p.add_argument("--width", default=64, type=positive_int, help="channels of the stem, doubled every stage; "
                                                                    "the papers' 64, or less for quick tests")
     p.add_argument("--init_images", default=None, type=at_least(2),
@@ -101,7 +101,8 @@ def make_parser() -> ArgumentParser:
     p.add_argument("--subset", default=0, type=natural_int,
                    help="train on a fixed random N training images and test on N test images (0: all)")
     # where and how it runs; a resumed run may change these
-    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu, ... (default: cuda if there is one)")
+    p.add_argument("--device", default=None, type=runtime.device_name,
+                   help="cuda, cuda:1, cpu, ... (default: cuda if there is one)")
     p.add_argument("--workers", default=8, type=natural_int, help="DataLoader processes (ImageNet only)")
     p.add_argument("--results_dir", default="results", help="where the run's files and summary.csv go")
     p.add_argument("--resume", action="store_true",
@@ -124,7 +125,11 @@ RENAMED_FLAGS = {"wn_residual_scale": "residual_scale"}
 
 def parse_args(argv=None, parser=None) -> argparse.Namespace:
     """The flags, and args.name, the run's name, from the flags as given; then the adjustments, recorded as used."""
-    args = (parser or make_parser()).parse_args(argv)
+    parser = parser or make_parser()
+    args = parser.parse_args(argv)
+    if args.width < min_width(args.backbone_type):
+        parser.error(f"argument --width: must be at least {min_width(args.backbone_type)} for --backbone_type "
+                     f"{args.backbone_type}, whose narrowest layers would have no channels, got {args.width}")
     args.name = run_name({k: getattr(args, k) for k in DEFAULTS}, DEFAULTS)
     args.data_path = resolve_path(args.data_name, args.data_path)
     args.warmup_epochs = min(args.warmup_epochs, args.epochs / 2)
@@ -144,6 +149,7 @@ DEFINING_FLAGS = defining_flags(make_parser())
 DEFAULTS = {k: v for k, v in vars(make_parser().parse_args([])).items() if k in DEFINING_FLAGS}
 INIT_IMAGES = 512  # --init_images when not given, or every training image where there are fewer
 PROBE_IMAGES = 128  # the layer statistics' fixed batch
+CHECK_IMAGES = 8  # the init's output is checked finite on these, in eval mode: no batch statistics
 SYNC_EVERY = 25  # steps between the host syncs that look for NaN and signals, at most; 10 per epoch at least
 
 
@@ -290,12 +296,21 @@ class Run:
                                                                        "layer_stats")},
                 "progress": progress.state_dict(ctx), "rng": runtime.rng_states()}
 
-    def load(self, state: dict, ctx: runtime.Context) -> Progress:
-        """The run and the RNGs as a checkpoint's state left them; returns where training stood."""
-        for name in ("model", "optimizer", "scheduler", "layer_stats"):
-            getattr(self, name).load_state_dict(state[name])
-        runtime.set_rng_states(state["rng"])
-        progress = Progress.from_state(state["progress"], ctx)
+    def load(self, state: dict, ctx: runtime.Context, source) -> Progress:
+        """The run and the RNGs as a checkpoint's state (read from `source`) left them; returns where training
+        stood. A state that does not fit, as another norm's network, is refused in one line, not torch's list
+        of every layer name."""
+        part = "state"
+        try:
+            for part in ("model", "optimizer", "scheduler", "layer_stats"):
+                getattr(self, part).load_state_dict(state[part])
+            part = "rng"
+            runtime.set_rng_states(state["rng"])
+            part = "progress"
+            progress = Progress.from_state(state["progress"], ctx)
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise UserError(f"{source} does not fit this run: its {part} does not load ({type(e).__name__}), as "
+                            f"with another norm's or backbone's checkpoint; move it away to start over") from None
         ctx.log(f"resuming at epoch {progress.epoch}, step {progress.step}")
         return progress
 
@@ -321,7 +336,23 @@ def initialize(norm, model: nn.Module, args, data, ctx: runtime.Context) -> Opti
             raise
         raise flag_error("--init_images", f"{used[0] if used else 'the'} init images do not fit in the memory of "
                                           f"{ctx.device} in one batch; use fewer") from None
+    check_finite_at_init(model, data.train.init_batch(min(CHECK_IMAGES, data.train_images))[0].to(ctx.device), args)
     return used[0] if used else None
+
+
+@torch.no_grad()
+def check_finite_at_init(model: nn.Module, x: torch.Tensor, args) -> None:
+    """Refuses an init that leaves the network's output non-finite before any step, which training would
+    record as a run that diverged: e.g. --residual_scale 1e308 multiplies every residual branch by 1e308,
+    inf in float32. In eval mode, so that no running statistic moves and a few images are enough."""
+    training = model.training
+    model.eval()
+    worst = model(x).float().abs().max().item()
+    model.train(training)
+    if not math.isfinite(worst):
+        raise flag_error("--residual_scale", f"{args.residual_scale} leaves the network's output {worst} after the "
+                                             f"init, before any step; use a smaller scale (auto: 1/(blocks in the "
+                                             f"stage))")
 
 
 def build(args, ctx: runtime.Context, data) -> Run:
@@ -395,8 +426,11 @@ def train(args, ctx: runtime.Context, record: RunRecord) -> None:
     data = build_loaders(args, ctx)
     run = build(args, ctx, data)
     recipe = head(args, ctx, data, run)
-    state = record.start(recipe, args.resume, ctx.device)
-    progress = run.load(state, ctx) if state else Progress.start(1, run.optimizer, ctx.device)
+    progress = record.start(recipe, args.resume, ctx.device,
+                            restore=lambda state: run.load(state, ctx, record.checkpoint))
+    progress = progress or Progress.start(1, run.optimizer, ctx.device)
+    if args.device is None and ctx.device.type == "cpu":  # here, not first: an error before it is one line alone
+        ctx.log("notice: no CUDA device found, training on the CPU")
     ctx.log(f"{args.name}: {run.params / 1e6:.2f}M params, {human(run.flops)} FLOPs, {ctx.world} x {ctx.device_name}")
     events = board_folder(args.results_dir, args.name)
     with runtime.StopSignal() as stop, Board(events, args.tensorboard and ctx.is_main, len(data.train), progress,

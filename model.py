@@ -407,6 +407,12 @@ def build_model(backbone_type: str, norm_type: str, num_classes: int, cifar_stem
     return ResNet(b.block, b.layers, NORMS[norm_type], num_classes, cifar_stem, b.groups, b.width_per_group, width)
 
 
+def min_width(backbone_type: str) -> int:
+    """The narrowest `width` that leaves no layer without channels: a Bottleneck's 3x3 conv has
+    int(planes * width_per_group / 64) * groups of them, none for ResNeXt-50 (4 per group) below 16."""
+    return -(-64 // MODELS[backbone_type].width_per_group)
+
+
 # -----------------------------------------------------------------------------
 # where the inits and the layer statistics act
 

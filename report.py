@@ -40,7 +40,7 @@ from utils.cli import ArgumentParser, UserError, positive_int, run_cli
 from utils.data import DATASETS
 from utils.layerstats import LAYER_COLUMNS
 from utils.metrics import human
-from utils.runfiles import EPOCH_COLUMNS, RESULT_COLUMNS, read_csv, read_summary, rebuild_summary
+from utils.runfiles import EPOCH_COLUMNS, RESULT_COLUMNS, read_csv, read_summary, rebuild_summary, write_text
 
 
 LABELS = {"data": {k: d.label for k, d in DATASETS.items()}, "backbone": {k: m.label for k, m in MODELS.items()},
@@ -204,13 +204,20 @@ def table(groups: pd.DataFrame, left_out: int, min_epochs: int) -> str:
     return "\n".join(lines) + "\n\n" + notes + "\n"
 
 
-def replace_readme_section(readme: Path, text: str) -> None:
+def readme_around_section(readme: Path) -> tuple:
+    """(what comes before the table, what comes after) in the README's report.py section, read before anything
+    is written: a README that cannot take the table stops report.py with the results folder as it was."""
     begin, end = README_MARKERS
-    old = readme.read_text()
+    try:
+        old = readme.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        why = getattr(e, "strerror", None) or type(e).__name__
+        raise UserError(f"cannot read --readme {readme} ({why}); name a README file with one {begin} ... {end} "
+                        f"section, or leave --readme out") from None
     if old.count(begin) != 1 or old.count(end) != 1 or old.index(begin) > old.index(end):
         raise UserError(f"{readme} needs one {begin} ... {end} section to replace; it is left as it is")
     head, rest = old.split(begin)
-    readme.write_text(f"{head}{begin}\n{text}{end}{rest.split(end, 1)[1]}")
+    return f"{head}{begin}\n", f"{end}{rest.split(end, 1)[1]}"
 
 
 # -----------------------------------------------------------------------------
@@ -263,9 +270,8 @@ def comparison_table(pairs: list) -> str:
     header = ["Data", "Backbone", "Batch Size", "Epochs", "Flags", "Norm (n)", "Against (n)",
               "Top-1 difference (points)", f"{CONFIDENCE:.0%} interval", "Excludes 0"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    order = list(NORMS)
     pairs = sorted(pairs, key=lambda p: (p[0].data_name, p[0].backbone_type, p[0].flag_text, p[0].batch_size,
-                                         order.index(p[0].norm_type), order.index(p[1].norm_type)))
+                                         plots.rank(p[0].norm_type, NORMS), plots.rank(p[1].norm_type, NORMS)))
     lines += ["| " + " | ".join(str(c) for c in comparison_row(g, against)) + " |" for g, against in pairs]
     return "\n".join(lines) if pairs else "None: no pair of norms with finished runs of the same recipe."
 
@@ -299,8 +305,6 @@ def signal_names(groups: pd.DataFrame) -> dict:
 
 def per_run_plots(results: Path, df: pd.DataFrame) -> None:
     """curves/ for every seed group, layers/ for every run, signal/ for every family (one seed of each norm)."""
-    for folder in ("curves", "layers", "signal"):
-        (results / folder).mkdir(exist_ok=True)
     layers = {}
     for name in df["name"]:
         if (results / f"{name}_layers.csv").exists():
@@ -334,6 +338,7 @@ def main(argv=None) -> None:
     if args.architecture:
         return plots.draw_architecture(Path(args.architecture))
     results = Path(args.results_dir)
+    around = readme_around_section(Path(args.readme)) if args.readme else None
     if args.rebuild_summary:
         print(f"rebuilt the rows of {rebuild_summary(results, cls.DEFAULTS)} runs in {results / 'summary.csv'}")
     df = load(results)
@@ -342,12 +347,12 @@ def main(argv=None) -> None:
     shown = df if args.all else df[is_result(df, args.min_epochs)]
     groups = aggregate(shown)
     text = table(groups, len(df) - len(shown), args.min_epochs)
-    (results / "results.md").write_text(text)
-    (results / "comparisons.md").write_text(comparisons(groups))
+    write_text(text, results / "results.md")
+    write_text(comparisons(groups), results / "comparisons.md")
     plots.top1_vs_batch_size(groups, LABELS, results / "top1_vs_batch_size.png")
     per_run_plots(results, df)
-    if args.readme:
-        replace_readme_section(Path(args.readme), text)
+    if around:
+        write_text(f"{around[0]}{text}{around[1]}", Path(args.readme))
     print(f"wrote {results / 'results.md'} ({len(shown)} runs in {len(groups)} rows, {len(df) - len(shown)} left "
           f"out), {results / 'comparisons.md'} and the plots")
 

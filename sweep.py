@@ -36,7 +36,7 @@ import torch
 import cls
 from utils import runtime, slurm
 from utils.cli import ArgumentParser, RunDiverged, UserError, auto_or_positive_int, run_cli
-from utils.runfiles import DONE, RunRecord
+from utils.runfiles import DONE, RunRecord, make_results_dir
 
 
 # GPU memory a run may take. A budget, not a measurement: ResNet-18 at batch 32 holds CIFAR-10 twice as uint8
@@ -217,6 +217,7 @@ def main(argv=None) -> None:
     configs, opts = parse(argv)
     if opts.status:
         return slurm.status(configs)
+    make_results_dir(configs[0].args.results_dir)  # one line before any run, whatever --jobs or --launcher
     if opts.launcher == "slurm":
         if opts.jobs != 1:
             raise UserError("--jobs is for --launcher local; on SLURM, --array_parallelism caps the runs at once",

@@ -1,6 +1,6 @@
 """Tiny datasets in the official on-disk formats, helpers that run cls.py as a user would, the one
-uninterrupted run that several tests compare against, the deselection of the CUDA tests on a machine
-without CUDA and of the SLURM tests where no cluster can start, and that cluster.
+uninterrupted run that several tests compare against, the deselection of the tests that need what a machine
+may lack (CUDA, a SLURM cluster, root), and that cluster.
 
 Tests that check the machinery train networks of --width 8, about 60x cheaper than the papers' 64; the
 params/FLOPs tests use the real widths."""
@@ -9,6 +9,7 @@ import functools
 import io
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -34,14 +35,17 @@ ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1"}
 
 
 # -----------------------------------------------------------------------------
-# CUDA and SLURM tests: deselected, and said so in the header and the summary line, where there is no CUDA
-# device, or where no SLURM cluster can start (tests/slurm_cluster.py: the binaries installed, and root)
+# CUDA, SLURM and root tests: deselected, and said so in the header and the summary line, where there is no CUDA
+# device, where no SLURM cluster can start (tests/slurm_cluster.py: the binaries installed, and root), or where
+# the tests do not run as root (a full disk on a tmpfs, tests/test_bad_input.py)
 
 def missing_environments() -> dict:
     """{marker: why its tests cannot run here}."""
     missing = {"slurm": slurm_cluster.unavailable()}
     if not torch.cuda.is_available():
         missing["cuda"] = "no CUDA device"
+    if os.geteuid() != 0:
+        missing["root"] = "not root, so no tmpfs to fill"
     return {marker: why for marker, why in missing.items() if why}
 
 
@@ -180,3 +184,29 @@ def uninterrupted(tmp_path_factory, data):
 def counts(backbone: str, norm: str, num_classes: int = 10, cifar_stem: bool = True) -> tuple:
     """(parameters, MACs) of a real-width network, built once for all the tests that count it."""
     return count_params_flops(build_model(backbone, norm, num_classes, cifar_stem), 32 if cifar_stem else 224)
+
+
+# -----------------------------------------------------------------------------
+# bad input: one line on stderr, a non-zero exit, no traceback, and an earlier run's files byte for byte the same
+
+@pytest.fixture
+def earlier(tmp_path, uninterrupted):
+    """A results folder that already holds a finished run, and its files' bytes."""
+    results = tmp_path / "results"
+    shutil.copytree(uninterrupted.results, results)
+    return results, files_of(results)
+
+
+def files_of(folder):
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+
+def assert_clean_failure(status, stderr, earlier, *words):
+    results, before = earlier
+    assert status != 0
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    assert "Traceback" not in stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+    assert files_of(results) == before

@@ -15,7 +15,8 @@ import torch
 
 import cls
 import report
-from conftest import NARROW, RUN, run_cls, run_cls_here, start_cls, write_cifar, write_imagefolder
+from conftest import (NARROW, RUN, assert_clean_failure, files_of, run_cls, run_cls_here, start_cls,
+                      write_cifar, write_imagefolder)
 from model import NORMS, build_model, count_params_flops
 from utils import runtime
 from utils.cli import run_cli
@@ -128,31 +129,9 @@ def test_keep_checkpoint_keeps_it(tmp_path, data, capsys):
 
 # -----------------------------------------------------------------------------
 # bad input: one line on stderr, a non-zero exit, no traceback, nothing written that claims a result, and
-# what a results folder held before stays byte for byte the same. Most cases run in this process through
-# cls.py's own run_cli, the path its __main__ takes; some run as a user would.
-
-@pytest.fixture
-def earlier(tmp_path, uninterrupted):
-    """A results folder that already holds a finished run, and its files' bytes."""
-    results = tmp_path / "results"
-    shutil.copytree(uninterrupted.results, results)
-    return results, files_of(results)
-
-
-def files_of(folder):
-    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
-
-
-def assert_clean_failure(status, stderr, earlier, *words):
-    results, before = earlier
-    assert status != 0
-    lines = stderr.strip().splitlines()
-    assert len(lines) == 1, stderr
-    assert "Traceback" not in stderr
-    for word in words:
-        assert word in lines[0], lines[0]
-    assert files_of(results) == before
-
+# what a results folder held before stays byte for byte the same (conftest's earlier and assert_clean_failure).
+# Most cases run in this process through cls.py's own run_cli, the path its __main__ takes; some run as a user
+# would. More in test_bad_input.py.
 
 @pytest.mark.parametrize("flag,value,words", [
     ("--norm_type", "ln", ["--norm_type", "invalid choice", "'ln'"]),

@@ -80,7 +80,12 @@ def at_least(n: int):
     return checked(int, lambda v: v >= n, f"an integer of at least {n}")
 
 
+def between(low: int, high: int):
+    return checked(int, lambda v: low <= v <= high, f"an integer from {low} to {high}")
+
+
 positive_int, natural_int = at_least(1), at_least(0)
+seed_int = between(0, 2**32 - 1)  # numpy's legacy seeding, which np.random.seed uses, takes no more
 positive_float = checked(float, lambda v: math.isfinite(v) and v > 0, "a finite number above 0")
 natural_float = checked(float, lambda v: math.isfinite(v) and v >= 0, "a finite number of at least 0")
 auto_or_natural_float = checked(lambda t: t if t == "auto" else float(t),

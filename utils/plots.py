@@ -12,11 +12,33 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from utils.cli import UserError  # noqa: E402
+from utils.runfiles import replace  # noqa: E402
 
-def _save(fig, path: Path, dpi: int = 110) -> None:
-    fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
+
+def _save(fig, path: Path, dpi: int = 110, tight: bool = True, **savefig) -> None:
+    """The figure to path, its folder made if absent, through runfiles.replace (whole or not at all), in the
+    format of path's suffix (png without one)."""
+    kind = path.suffix[1:].lower() or "png"
+    try:
+        if kind not in fig.canvas.get_supported_filetypes():
+            raise UserError(f"cannot draw {path}: matplotlib writes {', '.join(fig.canvas.get_supported_filetypes())} "
+                            f"files, not .{kind}")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot make the folder {path.parent} ({e.strerror}); pick another path") from None
+        if tight:
+            fig.tight_layout()
+        replace(path, lambda tmp: fig.savefig(tmp, format=kind, dpi=dpi, **savefig))
+    finally:
+        plt.close(fig)
+
+
+def rank(key, labels: dict) -> tuple:
+    """Where key sorts among labels' keys (a registry's, in its order); a key it does not know, as a run from a
+    fork brings, after them by name. The one order, and colour, of norms and backbones in every plot and table."""
+    return (list(labels).index(key), "") if key in labels else (len(labels), str(key))
 
 
 def _series_label(row: pd.Series) -> str:
@@ -31,9 +53,9 @@ def top1_vs_batch_size(groups: pd.DataFrame, labels: dict, path: Path) -> None:
     series, which with norm_type keys a line, flag_text, original_top1); labels: {"norm": {key: label},
     "backbone": {key: label}}, in the registries' order."""
     done = groups[groups.n > 0]
-    panels = sorted(done.backbone_type.unique(), key=lambda b: list(labels["backbone"]).index(b))
+    panels = sorted(done.backbone_type.unique(), key=lambda b: rank(b, labels["backbone"]))
     fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(max(7.0, 4.5 * len(panels)), 4.0), squeeze=False)
-    norms = list(labels["norm"])
+    norms = sorted({*labels["norm"], *done.norm_type}, key=lambda n: rank(n, labels["norm"]))  # one colour each
     for ax, backbone in zip(axes[0], panels, strict=False):
         rows = done[done.backbone_type == backbone]
         recipes = list(dict.fromkeys(_series_label(r) for _, r in rows.iterrows()))
@@ -41,7 +63,7 @@ def top1_vs_batch_size(groups: pd.DataFrame, labels: dict, path: Path) -> None:
         for _, line in rows.groupby(["norm_type", "series"], sort=False):
             line = line.sort_values("batch_size")
             first = line.iloc[0]
-            colour = f"C{norms.index(first.norm_type) if first.norm_type in norms else len(norms)}"
+            colour = f"C{norms.index(first.norm_type)}"
             label = labels["norm"].get(first.norm_type, first.norm_type)
             recipe = recipes.index(_series_label(first))
             n = "-".join(str(k) for k in sorted({line.n.min(), line.n.max()}))  # "3", or "2-3" where it varies
@@ -205,5 +227,4 @@ def draw_architecture(path: Path) -> None:
         _box(ax, 112, y, 19, 5.5, norm, norm_colour, size=8.5)
     ax.text(68, 2.5, "||v||, μ and σ over all dims but the output channel; g, gain and bias: one per output "
             "channel", fontsize=8.5)
-    fig.savefig(path, dpi=130, bbox_inches="tight")
-    plt.close(fig)
+    _save(fig, path, dpi=130, tight=False, bbox_inches="tight")

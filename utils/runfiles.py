@@ -100,23 +100,43 @@ _UMASK = os.umask(0o022)
 os.umask(_UMASK)  # read once: mkstemp makes files 0600, and results are for reading by others too
 
 
+def os_error(e: BaseException) -> Optional[OSError]:
+    """The OSError behind e, if any: e itself, or one it was raised from or while handling. torch.save and
+    matplotlib wrap a full disk's OSError in errors of their own."""
+    while e is not None and not isinstance(e, OSError):
+        e = e.__cause__ or e.__context__
+    return e
+
+
 def replace(path: Path, write) -> None:
     """write(tmp) to a temporary file of a unique name beside path, then rename it over path: a crash never
-    leaves half a file, two writers never share a temporary file, and a failed write (a full disk) removes
-    its temporary file and says so in one line."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    leaves half a file, two writers never share a temporary file, and a failed write (a full disk, a folder
+    that cannot be written) removes its temporary file and says so in one line. The one way every tool writes
+    a results file."""
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
         write(Path(tmp))
         os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError) or isinstance(getattr(e, "__cause__", None), OSError):
-            cause = e if isinstance(e, OSError) else e.__cause__
-            raise UserError(f"cannot write {path} ({cause.strerror or type(e).__name__}); earlier files are left "
-                            f"as they were: free space or pick another --results_dir, then run again") from None
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        cause = os_error(e) if isinstance(e, Exception) else None  # not KeyboardInterrupt, SystemExit
+        if cause is not None:
+            raise UserError(f"cannot write {path} ({cause.strerror or type(cause).__name__}); the files written "
+                            f"before it are left as they were: free space or pick another folder, then run "
+                            f"again") from None
         raise
+
+
+def save_torch(obj, path: Path) -> None:
+    """torch.save through a Python file, whose OSError (a full disk) torch keeps as the cause of its own error."""
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+    replace(path, write)
 
 
 def write_csv(df: pd.DataFrame, path: Path) -> None:
@@ -125,6 +145,10 @@ def write_csv(df: pd.DataFrame, path: Path) -> None:
 
 def write_json(obj, path: Path) -> None:
     replace(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
+
+
+def write_text(text: str, path: Path) -> None:
+    replace(path, lambda tmp: tmp.write_text(text))
 
 
 def read_csv(path: Path, required: list, **kwargs) -> pd.DataFrame:
@@ -158,9 +182,19 @@ def read_torch(path: Path, device, what: str) -> dict:
         saved = torch.load(path, map_location=device, weights_only=False)
     except Exception as e:  # a truncated or foreign file: say which, do not guess
         raise UserError(f"cannot read {what} {path} ({type(e).__name__}); move it away to start the run over") from None
-    if not isinstance(saved, dict) or "args" not in saved:
+    if not isinstance(saved, dict) or not isinstance(saved.get("args"), dict):
         raise UserError(f"{path} is not a {what} of this tool; move it away to start the run over")
     return saved
+
+
+def make_results_dir(path) -> None:
+    """--results_dir, made if absent, and refused in one line where no file can be written there."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise UserError(f"cannot write to --results_dir {path} ({e.strerror}); pick another folder") from None
 
 
 @contextmanager
@@ -241,7 +275,7 @@ class RunRecord:
 
     def __enter__(self) -> "RunRecord":
         if self.enabled:
-            self._make_folder()
+            make_results_dir(self.dir)
             read_summary(self.summary)  # a bad summary.csv stops the run now, not after its first epoch
             self._lock_file = self._acquire()
         return self
@@ -260,9 +294,14 @@ class RunRecord:
                 raise UserError(f"{self.name} is being trained by another process (pid {holder}) in {self.dir}; "
                                 f"wait for it to end, or stop it and resume") from None
             if self.lock.exists() and os.stat(self.lock).st_ino == os.fstat(f.fileno()).st_ino:
-                f.truncate(0)
-                f.write(f"{os.getpid()}\n")
-                f.flush()
+                try:  # unbuffered, so that closing f has nothing left to write
+                    os.ftruncate(f.fileno(), 0)
+                    os.write(f.fileno(), f"{os.getpid()}\n".encode())
+                except OSError as e:  # a full disk
+                    f.close()
+                    self.lock.unlink(missing_ok=True)
+                    raise UserError(f"cannot write {self.lock} ({e.strerror}); free space or pick another "
+                                    f"--results_dir, then run again") from None
                 return f
             f.close()
 
@@ -271,14 +310,6 @@ class RunRecord:
             self.lock.unlink(missing_ok=True)
             self._lock_file.close()
             self._lock_file = None
-
-    def _make_folder(self) -> None:
-        try:
-            os.makedirs(self.dir, exist_ok=True)
-            with tempfile.TemporaryFile(dir=self.dir):
-                pass
-        except OSError as e:
-            raise UserError(f"cannot write to --results_dir {self.dir} ({e.strerror}); pick another folder") from None
 
     # -------------------------------------------------------------------------
     # questions, answered from the run's own files
@@ -303,6 +334,7 @@ class RunRecord:
         """finished, diverged or incomplete, from the run's files; None if it has none."""
         saved = self.saved()
         if saved is None:
+            self._check_listed()
             return None
         status = saved.get("status") or ("finished" if self.weights.exists() else "incomplete")
         missing = [p.name for p in (self.statistics, self.weights) if not p.exists()]
@@ -310,6 +342,17 @@ class RunRecord:
             raise UserError(f"{self.name} finished, but its {' and '.join(missing)} are missing from {self.dir}; "
                             f"restore them, or move {self.dir / self.name}_* away to train it again")
         return status
+
+    def _check_listed(self) -> None:
+        """Refuses a run that summary.csv lists as a result but whose files are all gone: training it anew would
+        replace that row without a word."""
+        if not self.summary.exists():
+            return
+        listed = read_summary(self.summary, dtype=str, keep_default_na=False)
+        status = listed.status[listed.name == self.name]
+        if len(status) and status.iloc[0] in DONE:
+            raise UserError(f"{self.summary} says {self.name} is {status.iloc[0]}, but its files are gone from "
+                            f"{self.dir}; restore them, or delete its row from summary.csv to train it again")
 
     def check(self, current: dict, saved: Optional[dict] = None, source=None) -> None:
         """Refuses, in one line, to go on with a run whose saved head differs from `current` in a flag that
@@ -327,9 +370,10 @@ class RunRecord:
     # -------------------------------------------------------------------------
     # events
 
-    def start(self, head: dict, resume: bool, device) -> Optional[dict]:
-        """Writes args.json for a new or resumed run. Returns the trainer's state to resume from (its checkpoint,
-        checked to be this run's), or None to start from the first step."""
+    def start(self, head: dict, resume: bool, device, restore=lambda state: state):
+        """Writes args.json for a new or resumed run. Returns restore(state) of the trainer's state to resume from
+        (its checkpoint's, checked to be this run's), or None to start from the first step. restore runs before
+        anything is written, so that a state it refuses leaves the run's files as they were."""
         checkpoint = read_torch(self.checkpoint, device, "checkpoint") if resume and self.checkpoint.exists() else None
         if checkpoint is not None and (checkpoint["args"].get("name") != self.name or "state" not in checkpoint):
             raise UserError(f"{self.checkpoint} is another run's checkpoint ({checkpoint['args'].get('name')}); "
@@ -340,7 +384,7 @@ class RunRecord:
         state = None
         if checkpoint is not None:
             self.check(head, self._current(checkpoint["args"]), self.checkpoint)
-            state = checkpoint["state"]
+            state = restore(checkpoint["state"])
             self.epochs = [EpochRow(**row) for row in checkpoint["history"]]
             self.layers = checkpoint["layer_history"]
         self.head = {**head, "status": "incomplete", "epochs_done": len(self.epochs)}
@@ -363,7 +407,7 @@ class RunRecord:
             self._save_checkpoint(state)
         if self.enabled:
             final = {**self.head, "status": "finished", "epochs_done": len(self.epochs)}
-            replace(self.weights, lambda tmp: torch.save({"model": weights, "args": final}, tmp))
+            save_torch({"model": weights, "args": final}, self.weights)
         self._write("finished")
         if self.enabled and not self.keep_checkpoint:
             self.checkpoint.unlink(missing_ok=True)
@@ -395,7 +439,7 @@ class RunRecord:
         if self.enabled:
             saved = {"state": state, "history": [asdict(r) for r in self.epochs], "layer_history": self.layers,
                      "args": self.head}
-            replace(self.checkpoint, lambda tmp: torch.save(saved, tmp))
+            save_torch(saved, self.checkpoint)
 
     def _write(self, status: str) -> None:
         """The CSVs, then args.json with the status: the moment the files say what happened."""

@@ -1,8 +1,8 @@
 """Processes, devices, autocast, signals and RNG states: what a run sets up before it touches data."""
+import argparse
 import os
 import random
 import signal
-import sys
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
@@ -54,19 +54,34 @@ class Context:
         return torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
 
 
-def pick_device(name, local_rank: int, quiet: bool) -> torch.device:
-    if name is None:
-        if torch.cuda.is_available():
-            return torch.device("cuda", local_rank)
-        if not quiet:
-            print("notice: no CUDA device found, training on the CPU", file=sys.stderr)
-        return torch.device("cpu")
+TRAINS_ON = ("cpu", "cuda")  # the device types a run can train on: the data, autocast and DDP are written for these
+
+
+def device_name(text: str) -> str:
+    """--device as argparse checks it, on any machine: a device name torch knows, of a type a run can train on.
+    Whether this machine has the device, pick_device says when the run starts."""
     try:
-        device = torch.device(name)
+        device = torch.device(text)
     except RuntimeError:
-        raise UserError(f"--device {name} is not a device name; use e.g. cuda, cuda:0 or cpu") from None
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}, must be a device name: cuda, cuda:1, cpu, ...") \
+            from None
+    if device.type not in TRAINS_ON:
+        raise argparse.ArgumentTypeError(f"{text} is no device a run can train on; use {' or '.join(TRAINS_ON)}")
+    return text
+
+
+def pick_device(name, local_rank: int) -> torch.device:
+    """--device (checked by device_name) as a device of this machine, refused in one line before anything is
+    written where the machine lacks it; without it, CUDA where there is a device, else the CPU (cls.py says so
+    once training starts)."""
+    if name is None:
+        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {name} asked for CUDA, but torch sees no CUDA device; use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: torch sees {torch.cuda.device_count()} CUDA device(s), numbered from 0; "
+                        f"use one of them, or --device cuda")
     return torch.device("cuda", local_rank) if device.type == "cuda" and device.index is None else device
 
 
@@ -78,7 +93,7 @@ def process_place() -> tuple:
 def setup(args) -> Context:
     """One process, or one of torchrun's: NCCL between GPUs, gloo between CPU processes."""
     rank, world, local_rank = process_place()
-    device = pick_device(args.device, local_rank, quiet=rank != 0)
+    device = pick_device(args.device, local_rank)
     on_cuda = device.type == "cuda"
     if on_cuda:
         torch.cuda.set_device(device)
