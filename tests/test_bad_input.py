@@ -69,7 +69,7 @@ def test_a_device_torch_cannot_train_on_here_is_refused_before_anything_is_writt
     assert_clean_failure(status, err, earlier, "--device", device, *words)
     status, _, err = run_cls_here(capsys, "--data_path", str(data), "--results_dir", str(tmp_path / "new"),
                                   "--device", device)
-    assert status == 1 and not (tmp_path / "new").exists(), err  # no stray args.json, not even a folder
+    assert status != 0 and not (tmp_path / "new").exists(), err  # no stray args.json, not even a folder
 
 
 @pytest.mark.parametrize("seed", ["-1", "99999999999999", "4294967296"])
