@@ -127,9 +127,9 @@ def parse_args(argv=None, parser=None) -> argparse.Namespace:
     """The flags, and args.name, the run's name, from the flags as given; then the adjustments, recorded as used."""
     parser = parser or make_parser()
     args = parser.parse_args(argv)
-    if args.width < min_width(args.backbone_type):
-        parser.error(f"argument --width: must be at least {min_width(args.backbone_type)} for --backbone_type "
-                     f"{args.backbone_type}, whose narrowest layers would have no channels, got {args.width}")
+    if args.width < min_width(args.backbone_type, args.norm_type):
+        parser.error(f"argument --width: must be at least {min_width(args.backbone_type, args.norm_type)} for "
+                     f"--backbone_type {args.backbone_type} with --norm_type {args.norm_type}, got {args.width}")
     args.name = run_name({k: getattr(args, k) for k in DEFAULTS}, DEFAULTS)
     args.data_path = resolve_path(args.data_name, args.data_path)
     args.warmup_epochs = min(args.warmup_epochs, args.epochs / 2)

@@ -407,10 +407,13 @@ def build_model(backbone_type: str, norm_type: str, num_classes: int, cifar_stem
     return ResNet(b.block, b.layers, NORMS[norm_type], num_classes, cifar_stem, b.groups, b.width_per_group, width)
 
 
-def min_width(backbone_type: str) -> int:
-    """The narrowest `width` that leaves no layer without channels: a Bottleneck's 3x3 conv has
-    int(planes * width_per_group / 64) * groups of them, none for ResNeXt-50 (4 per group) below 16."""
-    return -(-64 // MODELS[backbone_type].width_per_group)
+def min_width(backbone_type: str, norm_type: str) -> int:
+    """The narrowest `width` that builds a working network: a Bottleneck's 3x3 conv has int(planes *
+    width_per_group / 64) * groups channels, none for ResNeXt-50 (4 per group) below 16; and a weight-standardized
+    conv needs two inputs at least, since one weight per output channel standardizes to 0/0 (F.batch_norm refuses
+    it), which the 1x1 convs fed by the stem have at width 1."""
+    narrowest = -(-64 // MODELS[backbone_type].width_per_group)
+    return max(narrowest, 2) if isinstance(NORMS[norm_type].conv_layer(1, 1, 1), StdConv2d) else narrowest
 
 
 # -----------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import cls
 import report
 import sweep
 from conftest import NARROW, RUN, assert_clean_failure, files_of, run_cls_here
-from model import build_model
+from model import MODELS, NORMS, build_model, min_width
 from test_sweep_report import summary_row
 from utils import runtime
 from utils.cli import run_cli
@@ -85,14 +85,28 @@ def test_the_largest_seed_seeds_every_generator():
     runtime.setup(args)  # random, numpy and torch all take it
 
 
-def test_a_width_too_small_for_the_backbone_names_the_smallest_that_works(data, earlier, capsys):
+@pytest.mark.parametrize("backbone,norm,width,smallest", [("resnext50", "bn", "8", 16), ("resnext50", "sws", "15", 16),
+                                                        ("resnet18", "ws_gn", "1", 2), ("resnet50", "sws", "1", 2)])
+def test_a_width_too_small_for_the_network_names_the_smallest_that_works(data, earlier, capsys, backbone, norm,
+                                                                         width, smallest):
     status, _, err = run_cls_here(capsys, "--data_path", str(data), "--results_dir", str(earlier[0]),
-                                  "--backbone_type", "resnext50", "--width", "8")
-    assert_clean_failure(status, err, earlier, "--width", "at least 16", "resnext50", "got 8")
+                                  "--backbone_type", backbone, "--norm_type", norm, "--width", width)
+    assert_clean_failure(status, err, earlier, "--width", f"at least {smallest}", backbone, norm, f"got {width}")
     assert status == 2
-    logits = build_model("resnext50", "gn", 10, width=16)(torch.randn(2, 3, 32, 32))  # the smallest works
+    logits = build_model(backbone, norm, 10, width=smallest)(torch.randn(2, 3, 32, 32))  # the smallest works
     assert logits.shape == (2, 10) and torch.isfinite(logits).all()
-    assert cls.parse_args(["--backbone_type", "resnet50", "--width", "1"]).width == 1  # no limit but 1 for ResNets
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+def test_every_network_works_at_its_smallest_width_and_not_below():
+    x = torch.randn(2, 3, 32, 32)
+    for backbone in MODELS:
+        for norm in NORMS:
+            smallest = min_width(backbone, norm)
+            assert torch.isfinite(build_model(backbone, norm, 10, width=smallest)(x)).all(), (backbone, norm)
+            if smallest > 1:
+                with pytest.raises((RuntimeError, ValueError)):
+                    build_model(backbone, norm, 10, width=smallest - 1)(x)
 
 
 @pytest.mark.parametrize("norm,flag", [("wn", "--wn_residual_scale"), ("wn_mbn", "--residual_scale"),
