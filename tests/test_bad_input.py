@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 
 import pandas as pd
 import pytest
@@ -25,7 +26,9 @@ from conftest import NARROW, RUN, assert_clean_failure, files_of, run_cls_here
 from model import MODELS, NORMS, build_model, min_width
 from test_sweep_report import summary_row
 from utils import runtime
+from utils.board import Board
 from utils.cli import run_cli
+from utils.progress import Progress, Totals
 from utils.runfiles import RunRecord
 
 
@@ -216,22 +219,39 @@ def small_disk(tmp_path):
 
 
 def fill(disk):
-    with open(disk / "filler", "wb") as f:
+    with open(disk / "filler", "wb", buffering=0) as f:
         try:
             while True:
                 f.write(b"\0" * 65536)
-                f.flush()
         except OSError:
             pass
 
 
 @pytest.mark.root
-@pytest.mark.parametrize("when", ["at_the_first_checkpoint", "before_the_run"])
-def test_a_full_disk_is_one_line_and_leaves_no_temporary_file(data, uninterrupted, small_disk, capsys, when):
+@pytest.mark.parametrize("when", ["at_the_first_checkpoint", "before_the_run", "as_it_starts", "as_it_trains"])
+def test_a_full_disk_is_one_line_and_leaves_no_temporary_file(data, uninterrupted, small_disk, capsys, monkeypatch,
+                                                               when):
     shutil.copytree(uninterrupted.results, small_disk, dirs_exist_ok=True)
     before = files_of(small_disk)
     if when == "before_the_run":
         fill(small_disk)
+    elif when == "as_it_starts":  # args.json and TensorBoard's first events written, nothing after them
+        start = RunRecord.start
+
+        def start_then_fill(record, *args, **kwargs):
+            state = start(record, *args, **kwargs)
+            fill(small_disk)
+            return state
+
+        monkeypatch.setattr(RunRecord, "start", start_then_fill)
+    elif when == "as_it_trains":  # TensorBoard's first events written too
+        board = cls.Board.__init__
+
+        def board_then_fill(*args, **kwargs):
+            board(*args, **kwargs)
+            fill(small_disk)
+
+        monkeypatch.setattr(cls.Board, "__init__", board_then_fill)
     status, _, err = run_cls_here(capsys, "--data_path", str(data), "--norm_type", "in", "--epochs", "2",
                                   "--results_dir", str(small_disk))  # its checkpoint alone takes 2.1 MB
     assert status == 1 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
@@ -240,6 +260,23 @@ def test_a_full_disk_is_one_line_and_leaves_no_temporary_file(data, uninterrupte
     after = files_of(small_disk)
     assert {k: after[k] for k in before} == before
     assert not any(k.endswith(("_checkpoint.pth", ".lock")) and k not in before for k in after)
+
+
+@pytest.mark.root
+def test_tensorboard_on_a_full_disk_is_one_line(small_disk, capsys):
+    """The writer's own thread meets the full disk first; its error comes back at the next point."""
+    def main():
+        progress = Progress(1, 1e-3, *torch.zeros(3).unbind())
+        with Board(small_disk / "events", True, 100, progress, {}, {"lr": 1e-3}) as board:
+            fill(small_disk)
+            for progress.step in range(1, 1000):
+                board.step(progress, Totals(2.3, 10.0, False, 8 * progress.step), 1e-3)
+
+    hook = threading.excepthook
+    status, _, err = run_here(capsys, main, "cls.py")
+    assert status == 1 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert "TensorBoard" in err and "No space left on device" in err and "--no-tensorboard" in err
+    assert threading.excepthook is hook  # put back
 
 
 # -----------------------------------------------------------------------------
@@ -262,10 +299,11 @@ def test_a_readme_that_cannot_take_the_table_stops_report_before_it_writes(earli
     path = {"missing": tmp_path / "README.md", "folder": tmp_path, "no_section": tmp_path / "README.md"}[readme]
     if readme == "no_section":
         path.write_text("# a README without report.py's markers\n")
+    folders = sorted(p for p in earlier[0].rglob("*") if p.is_dir())
     status, _, err = run_here(capsys, lambda: report.main(["--results_dir", str(earlier[0]), "--all", "--readme",
                                                            str(path)]), "report.py")
     assert_clean_failure(status, err, earlier, str(path))
-    assert not [p for p in earlier[0].iterdir() if p.is_dir()]  # no plots either
+    assert sorted(p for p in earlier[0].rglob("*") if p.is_dir()) == folders  # no plots either
 
 
 def test_architecture_into_a_new_folder_works_and_a_bad_path_is_one_line(tmp_path, capsys):

@@ -3,12 +3,15 @@
 The events of run NAME go to {results_dir}/tensorboard/NAME/, one file per process that trained it. The x axis
 of every curve is the global step: training steps done, (epoch - 1) x steps per epoch + step in the epoch."""
 import math
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from utils.cli import UserError
 from utils.progress import Progress, Totals
+from utils.runfiles import os_error
 
 SUBFOLDER = "tensorboard"
 FLUSH_SECS = 30  # the longest a point waits in memory before TensorBoard can see it; every epoch end flushes too
@@ -34,7 +37,7 @@ class Board:
 
     def __init__(self, path: Path, enabled: bool, steps_per_epoch: int, progress: Progress, layers: dict,
                  recipe: dict):
-        self.enabled, self.writer = enabled, None
+        self.enabled, self.writer, self.path = enabled, None, path
         if not enabled:
             return
         try:
@@ -49,10 +52,35 @@ class Board:
         # On a resume mid-epoch rank 0 holds every rank's sums (Progress.from_state); one host copy per run.
         loss, correct, images = torch.stack([progress.loss, progress.correct, progress.images]).tolist()
         self.last = Totals(loss / max(images, 1), 100 * correct / max(images, 1), False, images)
-        self.writer = SummaryWriter(str(path), purge_step=start + 1 if start else 0, flush_secs=FLUSH_SECS)
-        if not start:
-            table = "\n".join(f"| {k} | {str(v).replace('|', '&#124;')} |" for k, v in recipe.items())
-            self.writer.add_text("recipe", f"| flag | value |\n|---|---|\n{table}", 0)
+        self.excepthook, threading.excepthook = threading.excepthook, self._writer_thread_error
+        try:
+            with self._writing():
+                self.writer = SummaryWriter(str(path), purge_step=start + 1 if start else 0, flush_secs=FLUSH_SECS)
+                if not start:
+                    table = "\n".join(f"| {k} | {str(v).replace('|', '&#124;')} |" for k, v in recipe.items())
+                    self.writer.add_text("recipe", f"| flag | value |\n|---|---|\n{table}", 0)
+        except BaseException:
+            self.__exit__(True)
+            raise
+
+    @contextmanager
+    def _writing(self):
+        """Around every call into the writer: a full disk, or a folder that cannot be written, is one line."""
+        try:
+            yield
+        except Exception as e:
+            cause = os_error(e)
+            if cause is None:
+                raise
+            raise UserError(f"cannot write TensorBoard's events in {self.path} ({cause.strerror}); free space or "
+                            f"pick another --results_dir, or pass --no-tensorboard") from None
+
+    def _writer_thread_error(self, args) -> None:
+        """threading.excepthook while the writer is open. TensorBoard's writer thread keeps the error that ends it
+        (a full disk) and raises it again at the next call into the writer, where _writing makes it one line;
+        its traceback printed from the thread as well would be a second report, so that one is left out."""
+        if not (type(args.thread).__module__.startswith("tensorboard.") and os_error(args.exc_value)):
+            self.excepthook(args)
 
     def global_step(self, epoch: int, step: int) -> int:
         """Training steps done by `step` steps into `epoch` (1-based)."""
@@ -68,9 +96,10 @@ class Board:
             step = self.global_step(progress.epoch, progress.step)
             loss = (totals.loss * totals.images - self.last.loss * self.last.images) / images
             top1 = (totals.top1 * totals.images - self.last.top1 * self.last.images) / images
-            self.writer.add_scalar("train/loss", loss, step)
-            self.writer.add_scalar("train/top1", top1, step)
-            self.writer.add_scalar("train/lr", lr, step)
+            with self._writing():
+                self.writer.add_scalar("train/loss", loss, step)
+                self.writer.add_scalar("train/top1", top1, step)
+                self.writer.add_scalar("train/lr", lr, step)
         self.last = totals
 
     def epoch(self, row, layer_rows: list) -> None:
@@ -80,26 +109,36 @@ class Board:
         if not self.enabled:
             return
         step = row.epoch * self.steps_per_epoch
-        for name in ("loss", "top1", "top5"):
-            self.writer.add_scalar(f"test/{name}", getattr(row, f"test_{name}"), step)
-        for r in layer_rows:
-            for stat, value in r.items():
-                if stat not in ("epoch", "layer", "kind") and not math.isnan(value):
-                    self.writer.add_scalar(f"{stat}/{r['layer']}", value, step)
-        if self.gains:  # one host copy for all the layers
-            gains = torch.cat([g.detach().float().flatten() for g in self.gains.values()]).cpu()
-            for layer, g in zip(self.gains, gains.split([g.numel() for g in self.gains.values()])):
-                self.writer.add_histogram(f"g/{layer}", g, step)
-        self.last = Totals(0.0, 0.0, False, 0)  # the next epoch's sums start from zero
-        self.writer.flush()
+        with self._writing():
+            for name in ("loss", "top1", "top5"):
+                self.writer.add_scalar(f"test/{name}", getattr(row, f"test_{name}"), step)
+            for r in layer_rows:
+                for stat, value in r.items():
+                    if stat not in ("epoch", "layer", "kind") and not math.isnan(value):
+                        self.writer.add_scalar(f"{stat}/{r['layer']}", value, step)
+            if self.gains:  # one host copy for all the layers
+                gains = torch.cat([g.detach().float().flatten() for g in self.gains.values()]).cpu()
+                for layer, g in zip(self.gains, gains.split([g.numel() for g in self.gains.values()])):
+                    self.writer.add_histogram(f"g/{layer}", g, step)
+            self.last = Totals(0.0, 0.0, False, 0)  # the next epoch's sums start from zero
+            self.writer.flush()
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
+        writer, self.writer = self.writer, None
+        try:
+            if writer is not None:
+                with self._writing():
+                    writer.close()
+        finally:
+            if self.enabled:
+                threading.excepthook = self.excepthook
 
     def __enter__(self) -> "Board":
         return self
 
-    def __exit__(self, *exc_info) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc_info) -> None:
+        try:
+            self.close()
+        except UserError:
+            if exc_type is None:
+                raise  # else the error that ends the run says what went wrong, in its one line
