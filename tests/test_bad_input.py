@@ -306,6 +306,16 @@ def test_a_readme_that_cannot_take_the_table_stops_report_before_it_writes(earli
     assert sorted(p for p in earlier[0].rglob("*") if p.is_dir()) == folders  # no plots either
 
 
+def test_rebuilding_the_summary_where_it_cannot_be_written_is_one_line(earlier, capsys):
+    (earlier[0] / "summary.csv").unlink()
+    (earlier[0] / ".summary.csv.lock").unlink()
+    (earlier[0] / ".summary.csv.lock").mkdir()  # as root no folder is read-only: a folder in the lock's place is
+    before = files_of(earlier[0])
+    status, _, err = run_here(capsys, lambda: report.main(["--results_dir", str(earlier[0]), "--rebuild_summary"]),
+                              "report.py")
+    assert_clean_failure(status, err, (earlier[0], before), "cannot write", ".summary.csv.lock")
+
+
 def test_architecture_into_a_new_folder_works_and_a_bad_path_is_one_line(tmp_path, capsys):
     path = tmp_path / "new" / "folder" / "architecture.png"
     status, _, err = run_here(capsys, lambda: report.main(["--architecture", str(path)]), "report.py")

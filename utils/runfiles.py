@@ -200,7 +200,11 @@ def make_results_dir(path) -> None:
 @contextmanager
 def locked(path: Path):
     """An exclusive lock on path, for read-modify-write of a file that several processes share."""
-    with open(path, "a") as f:
+    try:
+        f = open(path, "a")
+    except OSError as e:  # a folder that cannot be written (report.py --rebuild_summary on another's results)
+        raise UserError(f"cannot write {path} ({e.strerror}); pick a folder that can be written") from None
+    with f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield
