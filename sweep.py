@@ -217,13 +217,14 @@ def main(argv=None) -> None:
     configs, opts = parse(argv)
     if opts.status:
         return slurm.status(configs)
-    make_results_dir(configs[0].args.results_dir)  # one line before any run, whatever --jobs or --launcher
     if opts.launcher == "slurm":
         if opts.jobs != 1:
             raise UserError("--jobs is for --launcher local; on SLURM, --array_parallelism caps the runs at once",
                             exit_code=2)
         slurm.check_cluster(opts)
+        make_results_dir(configs[0].args.results_dir)  # one line, before anything is submitted
         return slurm.launch([c for c in configs if not done(c)], opts)
+    make_results_dir(configs[0].args.results_dir)  # one line before any run, whatever --jobs
     jobs = opts.jobs
     if jobs == "auto":
         jobs = auto_jobs(len(configs), configs[0].args.device)
