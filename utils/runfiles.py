@@ -78,12 +78,14 @@ def legacy_name(row) -> str:
 
 
 def git_commit() -> str:
-    """This checkout's commit, with -dirty when tracked files have changed; empty outside a git checkout."""
+    """This checkout's commit, with -dirty when its code (a tracked .py file) has changed; empty outside a git
+    checkout. Only code counts: runs write into the checkout's results/, whose committed CSVs they update."""
     here = Path(__file__).resolve().parents[1]
     try:
         run = lambda *a: subprocess.run(["git", "-C", str(here), *a], capture_output=True, text=True,  # noqa: E731
                                         timeout=30, check=True).stdout.strip()
-        return run("rev-parse", "HEAD") + ("-dirty" if run("status", "--porcelain", "--untracked-files=no") else "")
+        changed = run("status", "--porcelain", "--untracked-files=no", "--", "*.py")
+        return run("rev-parse", "HEAD") + ("-dirty" if changed else "")
     except (OSError, subprocess.SubprocessError):
         return ""
 
