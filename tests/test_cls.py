@@ -5,9 +5,9 @@ import pickle
 import re
 import shutil
 import signal
-import time
 import urllib.error
 from contextlib import nullcontext
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -265,9 +265,19 @@ def test_bad_input_in_a_real_process(cifar10, earlier, bad):
     assert_clean_failure(r.returncode, r.stderr, earlier, "cls.py: error:")
 
 
+def loading_torch(pid: int) -> bool:
+    """Whether process pid has mapped torch's C++ library: cls.py is then in the seconds of its imports, which
+    come after it set its Ctrl-C handler."""
+    try:
+        return "libtorch_cpu" in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
+
+
 def test_ctrl_c_before_training_is_one_line(data, earlier):
     proc = start_cls("--data_path", str(data), "--results_dir", str(earlier[0]), "--norm_type", "in")
-    time.sleep(1.0)  # in the seconds of imports
+    while not loading_torch(proc.pid):
+        assert proc.poll() is None, proc.communicate()[1]
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert_clean_failure(proc.returncode, err, earlier, "interrupted by Ctrl-C")
