@@ -422,21 +422,10 @@ def head(args, ctx: runtime.Context, data=None, run: Run = None) -> dict:
             "params": run.params if run else None, "flops": run.flops if run else None, **provenance(ctx.device_name)}
 
 
-def train(args, ctx: runtime.Context, record: RunRecord) -> None:
-    data = build_loaders(args, ctx)
-    run = build(args, ctx, data)
-    recipe = head(args, ctx, data, run)
-    progress = record.start(recipe, args.resume, ctx.device,
-                            restore=lambda state: run.load(state, ctx, record.checkpoint))
-    progress = progress or Progress.start(1, run.optimizer, ctx.device)
-    if args.device is None and ctx.device.type == "cpu":  # here, not first: an error before it is one line alone
-        ctx.log("notice: no CUDA device found, training on the CPU")
-    ctx.log(f"{args.name}: {run.params / 1e6:.2f}M params, {human(run.flops)} FLOPs, {ctx.world} x {ctx.device_name}")
-    events = board_folder(args.results_dir, args.name)
-    with runtime.StopSignal() as stop, Board(events, args.tensorboard and ctx.is_main, len(data.train), progress,
-                                             weight_layers(run.model), recipe) as board:
-        if args.tensorboard:
-            ctx.log(f"curves as it trains: tensorboard --logdir {args.results_dir} (events in {events})")
+def train_epochs(run: Run, data, record: RunRecord, board: Board, progress: Progress, ctx: runtime.Context,
+                 args) -> None:
+    """Every epoch left; a divergence or a signal is recorded as such and ends the run with one line."""
+    with runtime.StopSignal() as stop:
         try:
             while progress.epoch <= args.epochs:
                 progress = run_epoch(run, data, record, board, progress, ctx, stop, args)
@@ -450,6 +439,25 @@ def train(args, ctx: runtime.Context, record: RunRecord) -> None:
             raise UserError(f"stopped by {signal.Signals(stop.signum).name} in epoch {progress.epoch} after step "
                             f"{progress.step}; {record.checkpoint} is saved. Continue with: {command}",
                             exit_code=128 + stop.signum) from None
+
+
+def train(args, ctx: runtime.Context, record: RunRecord) -> None:
+    """A run that is not a result yet: its data and model, where it stands, and its epochs."""
+    data = build_loaders(args, ctx)
+    run = build(args, ctx, data)
+    recipe = head(args, ctx, data, run)
+    progress = record.start(recipe, args.resume, ctx.device,
+                            restore=lambda state: run.load(state, ctx, record.checkpoint))
+    progress = progress or Progress.start(1, run.optimizer, ctx.device)
+    if args.device is None and ctx.device.type == "cpu":  # here, not first: an error before it is one line alone
+        ctx.log("notice: no CUDA device found, training on the CPU")
+    ctx.log(f"{args.name}: {run.params / 1e6:.2f}M params, {human(run.flops)} FLOPs, {ctx.world} x {ctx.device_name}")
+    events = board_folder(args.results_dir, args.name)
+    if args.tensorboard:
+        ctx.log(f"curves as it trains: tensorboard --logdir {args.results_dir} (events in {events})")
+    with Board(events, args.tensorboard and ctx.is_main, len(data.train), progress, weight_layers(run.model),
+               recipe) as board:
+        train_epochs(run, data, record, board, progress, ctx, args)
     written = [record.statistics] + ([record.layers_csv] if record.layers else [])
     ctx.log(f"{args.name} finished: results in {', '.join(map(str, written))} and {record.summary}; weights in "
             f"{record.weights}")
