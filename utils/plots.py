@@ -126,8 +126,9 @@ def layer_heatmaps(layers: pd.DataFrame, name: str, path: Path) -> None:
         epochs = list(grid.columns)
         ax.set_xticks(range(len(epochs)), [str(e) for e in epochs], fontsize=7)
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(12, integer=True))
-        ax.set(xlabel="epoch", title=f"{name}: {title}")
+        ax.set(xlabel="epoch", title=title)
         fig.colorbar(image, ax=ax)
+    fig.suptitle(name)
     _save(fig, path)
 
 
