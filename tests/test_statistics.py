@@ -86,7 +86,7 @@ def run_name(norm, seed):
 
 
 def write_run(results, norm, seed, top1, top5) -> dict:
-    """A run's statistics.csv, and its summary row as the Journal writes it: a name, every defining flag,
+    """A run's statistics.csv, and its summary row as the run's record writes it: a name, every defining flag,
     and the results of its epochs."""
     stats = pd.DataFrame({"epoch": range(1, len(top1) + 1), "lr": 1e-3, "train_loss": 1.0, "train_top1": 50.0,
                           "test_loss": 0.5, "test_top1": top1, "test_top5": top5, "seconds": 9.0},

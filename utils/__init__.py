@@ -6,9 +6,11 @@
     progress    where an epoch stands (saved in checkpoints), and how it shows it: a bar, or lines in a log
     layerstats  per-layer statistics on a fixed probe batch, each epoch
     board       a run's TensorBoard events: its training curves, test metrics, layer statistics and gains
-    runfiles    every file of a run: CSV columns, atomic writes, summary.csv under a lock, the run's record
+    runfiles    the run's record: its name, every file it writes and reads back, its status, summary.csv
     metrics     top-k counts and number formatting
     plots       every figure report.py draws
+    agc         adaptive gradient clipping
+    slurm       sweep.py's SLURM launcher, through submitit
 
 None of them imports model.py: what they need of a network comes in as arguments.
 """
