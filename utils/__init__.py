@@ -12,5 +12,5 @@
     agc         adaptive gradient clipping
     slurm       sweep.py's SLURM launcher, through submitit
 
-None of them imports model.py: what they need of a network comes in as arguments.
+None of them imports model.py (slurm runs cls.py in its jobs): what they need of a network comes in as arguments.
 """
