@@ -145,8 +145,10 @@ RESUMABLE_CHANGES = {"resume", "device", "workers", "data_path", "results_dir", 
 def defining_flags(parser: argparse.ArgumentParser) -> list:
     """The flags that define a run, in the parser's order: all of them but RESUMABLE_CHANGES."""
     return [a.dest for a in parser._actions if a.dest not in RESUMABLE_CHANGES and a.dest != "help"]
+
+
 DEFINING_FLAGS = defining_flags(make_parser())
-DEFAULTS = {k: v for k, v in vars(make_parser().parse_args([])).items() if k in DEFINING_FLAGS}
+DEFAULTS = {flag: value for flag, value in vars(make_parser().parse_args([])).items() if flag in DEFINING_FLAGS}
 INIT_IMAGES = 512  # --init_images when not given, or every training image where there are fewer
 PROBE_IMAGES = 128  # the layer statistics' fixed batch
 CHECK_IMAGES = 8  # the init's output is checked finite on these, in eval mode: no batch statistics
