@@ -33,6 +33,7 @@ from PIL import Image
 from torchvision import transforms
 
 import cls
+from recipe import Recipe, make_parser
 from model import MODELS, NORMS, Norm, ResNet, build_model, conv2d, no_norm, weight_layers
 from utils import runtime
 from utils.board import Board
@@ -40,7 +41,7 @@ from utils.cli import natural_int, positive_int, run_cli
 from utils.data import DATASETS, build_loaders
 from utils.metrics import duration
 from utils.progress import Progress, Totals
-from utils.runfiles import EpochRow
+from utils.record import EpochRow
 # Dense bf16 tensor-core peaks from NVIDIA's data sheets, in TFLOP/s; matched in order against the name.
 PEAK_BF16_TFLOPS = [("H100 PCIe", 756), ("H100", 989), ("H200", 989), ("A100", 312)]
 RUN_IMAGES = 90 * 50_000  # one 90-epoch run on CIFAR's training set
@@ -123,8 +124,9 @@ class Pipeline:
 def ours(args, ctx: runtime.Context, data) -> tuple:
     """(Pipeline, cls.Run): the training cls.py runs for args."""
     torch.manual_seed(args.seed)
-    run = cls.build(args, ctx, data)
-    name = (f"ours: device-resident data, {'bf16' if args.bf16 and ctx.device.type == 'cuda' else 'fp32'}, "
+    recipe = Recipe.resolve(args, cls.run_context(args, ctx.device.type, ctx.world))
+    run = cls.build(recipe, args, ctx, data)
+    name = (f"ours: device-resident data, {'bf16' if recipe.bf16 else 'fp32'}, "
             f"{'channels_last' if ctx.memory_format == torch.channels_last else 'contiguous'}, "
             f"compile={cls.compile_mode(args, ctx.device, ctx.world)}")
     step = partial(cls.train_step, run.train_model, run.optimizer, run.scheduler, autocast=ctx.autocast, agc=run.agc)
@@ -289,7 +291,7 @@ def tensorboard_cost(args, ctx: runtime.Context) -> None:
 
 
 def main(argv=None) -> None:
-    parser = cls.make_parser()
+    parser = make_parser(__doc__)
     parser.add_argument("--steps", default=100, type=positive_int, help="timed steps")
     parser.add_argument("--warmup", default=10, type=natural_int, help="untimed steps first (compile, CUDA graphs)")
     parser.add_argument("--data_only", action="store_true", help="time the data pipelines alone")

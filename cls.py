@@ -12,12 +12,10 @@ Examples:
     torchrun --nproc_per_node 8 cls.py --data_name imagenet --batch_size 32    # 32 per GPU, 256 in all
     python cls.py --norm_type wn --resume                  # continue (or skip, if done) a stopped run
 
-Each run is named by its recipe: cifar10_resnet18_wn_32 for the defaults, cifar10_resnet18_wn_32_seed1 for
-another seed (docs/reliability.md). It writes, under --results_dir, {name}_ followed by statistics.csv (one row
-per epoch), layers.csv (per-layer statistics, one row per layer and epoch), args.json (how it was made, and its
-status), checkpoint.pth (after every epoch and on SIGINT/SIGTERM/SIGUSR2; dropped when the run finishes) and
-model.pth (the final weights), keeps its row in summary.csv up to date, and writes its TensorBoard events to
-tensorboard/{name}/ there (docs/tensorboard.md).
+Every flag and its default: recipe.py's make_parser. A run is its recipe at a seed; its files go to
+{results_dir}/{recipe}/seed{N}/, the folder named by what it trains (cifar10_resnet18_wn_32_lr0.003): args.json,
+statistics.csv, layers.csv, checkpoint.pth (dropped when it finishes), model.pth and TensorBoard's events
+(docs/reliability.md).
 """
 from utils.cli import exit_on_ctrl_c
 
@@ -30,129 +28,58 @@ import shlex
 import signal
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import MODELS, NORMS, blocks, build_model, count_params_flops, min_width, weight_layers
+from model import (NORMS, blocks, build_model, count_params_flops, data_dependent_init, largest_output, min_width,
+                   scale_residual_branches, weight_layers)
+from recipe import Context, Recipe, make_parser
 from utils import runtime
 from utils.agc import AGC_OFF, AdaptiveGradClip
-from utils.board import Board, board_folder
-from utils.cli import (ArgumentParser, RunDiverged, UserError, at_least, auto_or_natural_float, flag_error,
-                       natural_float, natural_int, positive_float, positive_int, run_cli, seed_int)
-from utils.data import DATASETS, build_loaders, resolve_path
+from utils.board import Board
+from utils.cli import RunDiverged, UserError, flag_error, run_cli
+from utils.data import DATASETS, build_loaders, resolve_path, train_size
 from utils.layerstats import LayerStats
 from utils.metrics import human, topk_correct
 from utils.progress import EpochProgress, Progress
-from utils.runfiles import DONE, EpochRow, RunRecord, provenance, run_name
+from utils.record import DONE, EpochRow, RunRecord, provenance
 
-
-# -----------------------------------------------------------------------------
-# config: every flag of a run, with its default
-
-# --lr_scaling: the power of (global batch / --lr_base_batch) that multiplies --lr. linear: Goyal et al. 2017
-# (SGD); sqrt: Malladi et al. 2022 (Adam-type), timm's default for them; none: one lr at every batch size.
-LR_SCALING = {"none": 0.0, "linear": 1.0, "sqrt": 0.5}
-
-
-def make_parser() -> ArgumentParser:
-    """bench.py and sweep.py add their own flags to this parser."""
-    p = ArgumentParser(description=__doc__)
-    p.add_argument("--data_name", default="cifar10", choices=list(DATASETS),
-                   help="synthetic: random images with CIFAR-10's shape, for benchmarks without a download")
-    p.add_argument("--data_path", default=None,
-                   help="CIFAR: the folder holding cifar-10-batches-py/ or cifar-100-python/ (or that folder), "
-                        "downloaded there if absent; ImageNet: the folder holding train/ and val/ (default: data "
-                        "for CIFAR, /home/data/imagenet/ILSVRC2012 for ImageNet)")
-    p.add_argument("--backbone_type", default="resnet18", choices=list(MODELS), help="the network")
-    p.add_argument("--norm_type", default="bn", choices=list(NORMS), help="the normalization (README: Models)")
-    p.add_argument("--batch_size", default=32, type=positive_int, help="images per step and per process")
-    p.add_argument("--epochs", default=90, type=positive_int, help="sweeps over the training set")
-    # the recipe: README "Training recipe"
-    p.add_argument("--optimizer", default="adamw", choices=["adamw", "adam"],
-                   help="adamw: decoupled weight decay; adam: L2 added to the gradient, as the original")
-    p.add_argument("--lr", default=1e-3, type=positive_float,
-                   help="peak learning rate (at a global batch of --lr_base_batch, under --lr_scaling)")
-    p.add_argument("--lr_scaling", default="none", choices=list(LR_SCALING),
-                   help="scale --lr with the global batch (--batch_size x processes): linear, sqrt, or none")
-    p.add_argument("--lr_base_batch", default=32, type=positive_int, help="the global batch at which --lr holds")
-    p.add_argument("--weight_decay", default=0.05, type=natural_float,
-                   help="on conv and linear weights only; never on gains, norm affines or biases")
-    p.add_argument("--lr_schedule", default="cosine", choices=["cosine", "step"],
-                   help="per step after the warmup: cosine to 0, or x0.1 at 50%% and 75%% of the steps")
-    p.add_argument("--warmup_epochs", default=1.0, type=natural_float,
-                   help="linear warmup from lr/steps to lr; at most half of --epochs, and recorded as used")
-    p.add_argument("--seed", default=0, type=seed_int, help="seeds the weights, the data order and the augmentation")
-    p.add_argument("--width", default=64, type=positive_int, help="channels of the stem, doubled every stage; "
-                                                                   "the papers' 64, or less for quick tests")
-    p.add_argument("--init_images", default=None, type=at_least(2),
-                   help="wn, wn_mbn: training images in the data-dependent init's one batch, at least 2 "
-                        "(default: 512, or every training image where there are fewer; recorded as used)")
-    p.add_argument("--residual_scale", "--wn_residual_scale", dest="residual_scale", default="auto",
-                   type=auto_or_natural_float,
-                   help="wn, wn_mbn, sws: after the init, scale the last layer of every residual branch by this; "
-                        "auto: 1/(blocks in its stage)")
-    p.add_argument("--agc", default=0.0, type=natural_float,
-                   help="adaptive gradient clipping: each output unit's gradient to at most this times its "
-                        "weight, on every weight but the final linear's (docs/norms-family.md); 0: off")
-    p.add_argument("--subset", default=0, type=natural_int,
-                   help="train on a fixed random N training images and test on N test images (0: all)")
-    # where and how it runs; a resumed run may change these
-    p.add_argument("--device", default=None, type=runtime.device_name,
-                   help="cuda, cuda:1, cpu, ... (default: cuda if there is one)")
-    p.add_argument("--workers", default=8, type=natural_int, help="DataLoader processes (ImageNet only)")
-    p.add_argument("--results_dir", default="results", help="where the run's files and summary.csv go")
-    p.add_argument("--resume", action="store_true",
-                   help="continue this configuration from its checkpoint; skip it if finished or diverged")
-    p.add_argument("--keep_checkpoint", action="store_true", help="keep checkpoint.pth when the run finishes")
-    p.add_argument("--layer_stats", default=True, action=argparse.BooleanOptionalAction,
-                   help="write {run}_layers.csv, per-layer statistics every epoch")
-    p.add_argument("--tensorboard", default=True, action=argparse.BooleanOptionalAction,
-                   help="write TensorBoard events to {results_dir}/tensorboard/{run}/ (docs/tensorboard.md)")
-    p.add_argument("--bf16", default=True, action=argparse.BooleanOptionalAction, help="bf16 autocast on CUDA")
-    p.add_argument("--compile", default="auto", choices=["auto", "off", "default", "reduce-overhead"],
-                   help="torch.compile mode; auto: reduce-overhead (CUDA graphs) on one CUDA device, else off")
-    p.add_argument("--sync_bn", action="store_true", help="under torchrun, BatchNorm statistics over all ranks")
-    return p
-
-
-# Flags renamed since runs were first recorded, {old dest: new dest}: what an older args.json calls today's.
-RENAMED_FLAGS = {"wn_residual_scale": "residual_scale"}
-
-
-def parse_args(argv=None, parser=None) -> argparse.Namespace:
-    """The flags, and args.name, the run's name, from the flags as given; then the adjustments, recorded as used."""
-    parser = parser or make_parser()
-    args = parser.parse_args(argv)
-    if args.width < min_width(args.backbone_type, args.norm_type):
-        parser.error(f"argument --width: must be at least {min_width(args.backbone_type, args.norm_type)} for "
-                     f"--backbone_type {args.backbone_type} with --norm_type {args.norm_type}, got {args.width}")
-    args.name = run_name({k: getattr(args, k) for k in DEFAULTS}, DEFAULTS)
-    args.data_path = resolve_path(args.data_name, args.data_path)
-    args.warmup_epochs = min(args.warmup_epochs, args.epochs / 2)
-    return args
-
-
-# Flags a resumed run may change: where and how it runs, never what it trains. Every other flag defines the
-# run: it names the run's files, and a resume must match it, or one CSV would mix two recipes.
-RESUMABLE_CHANGES = {"resume", "device", "workers", "data_path", "results_dir", "compile", "keep_checkpoint",
-                     "layer_stats", "tensorboard"}
-
-
-def defining_flags(parser: argparse.ArgumentParser) -> list:
-    """The flags that define a run, in the parser's order: all of them but RESUMABLE_CHANGES."""
-    return [a.dest for a in parser._actions if a.dest not in RESUMABLE_CHANGES and a.dest != "help"]
-
-
-DEFINING_FLAGS = defining_flags(make_parser())
-DEFAULTS = {flag: value for flag, value in vars(make_parser().parse_args([])).items() if flag in DEFINING_FLAGS}
-INIT_IMAGES = 512  # --init_images when not given, or every training image where there are fewer
 PROBE_IMAGES = 128  # the layer statistics' fixed batch
 CHECK_IMAGES = 8  # the init's output is checked finite on these, in eval mode: no batch statistics
 SYNC_EVERY = 25  # steps between the host syncs that look for NaN and signals, at most; 10 per epoch at least
+
+
+def parse_args(argv=None, parser=None) -> argparse.Namespace:
+    """The flags as given, checked against each other; --data_path as it is used. bench.py passes a parser of
+    its own, make_parser's with its flags added."""
+    parser = parser or make_parser(__doc__)
+    args = parser.parse_args(argv)
+    smallest = min_width(args.backbone_type, args.norm_type)
+    if args.width < smallest:
+        parser.error(f"argument --width: must be at least {smallest} for --backbone_type {args.backbone_type} with "
+                     f"--norm_type {args.norm_type}, got {args.width}")
+    if NORMS[args.norm_type].data_init and args.subset == 1:
+        parser.error(f"argument --subset: must be 0 or at least 2 for --norm_type {args.norm_type}, whose init "
+                     f"standardizes each channel over a batch of training images, got 1")
+    args.data_path = resolve_path(args.data_name, args.data_path)
+    return args
+
+
+def run_context(args, device_type: str, world: int) -> Context:
+    """Where the recipe of args is resolved: its training images are counted only if a default needs them."""
+    return Context(device_type, world, lambda: args.subset or train_size(args.data_name, args.data_path))
+
+
+def run_record(args, device_type: str, world: int = 1, enabled: bool = False) -> RunRecord:
+    """The record of the run that args name, on a device of this type and `world` processes: what sweep.py
+    and the tests read. Enabled, it writes the run's files once entered."""
+    context = run_context(args, device_type, world)
+    return RunRecord.of(args.results_dir, Recipe.resolve(args, context), args.seed, context, enabled,
+                        args.keep_checkpoint)
 
 
 # -----------------------------------------------------------------------------
@@ -194,7 +121,7 @@ def train_one_epoch(run: "Run", loader, progress: Progress, ctx: runtime.Context
                 totals = progress.totals(ctx, stop.signum)
                 board.step(progress, totals, run.optimizer.param_groups[0]["lr"])  # the stopping step's too
                 if totals.stopping:
-                    raise runtime.Interrupted()
+                    raise runtime.Interrupted(progress)
                 shown.update(images_done(), totals.loss, totals.top1)
     finally:
         shown.close()
@@ -218,42 +145,35 @@ def evaluate(model, loader, ctx: runtime.Context) -> dict:
 # -----------------------------------------------------------------------------
 # model, optimizer, schedule
 
-def peak_lr(args, world: int) -> float:
-    """--lr x (global batch / --lr_base_batch) ** LR_SCALING[--lr_scaling], the global batch being
-    --batch_size x processes: the lr the schedule warms up to."""
-    return args.lr * (args.batch_size * world / args.lr_base_batch) ** LR_SCALING[args.lr_scaling]
-
-
-def make_optimizer(model: nn.Module, args, lr: float, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW (decoupled decay, Loshchilov & Hutter 2019) or Adam (L2 added to the gradient, the original's),
-    with parameters grouped by role as timm's param_groups_weight_decay: the decay acts on conv and linear
-    weights (WN's v and WS's raw weight among them), never on gains (WN's g, scaled WS's gain, norm affines)
-    or biases, as DeepMind's NFNet optimizer. Under Adam's coupled L2, the weight of a layer with its own gain
-    (WN's v, scaled WS's weight) is left undecayed too: w depends on v / ||v|| only, so L2
-    changes nothing the loss sees, and Adam scales it to a step of about lr per element, which collapses
-    ||v|| where the loss gives v no gradient (g = 0) and makes the gradient through g v / ||v|| explode
-    once g moves: WN went NaN this way on an H100 (docs/recipe.md)."""
+def make_optimizer(model: nn.Module, recipe: Recipe, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW (decoupled decay, Loshchilov & Hutter 2019) or Adam (L2 added to the gradient, the original's) at
+    the recipe's peak lr, with parameters grouped by role as timm's param_groups_weight_decay: the decay acts
+    on conv and linear weights (WN's v and WS's raw weight among them), never on gains (WN's g, scaled WS's
+    gain, norm affines) or biases, as DeepMind's NFNet optimizer. Under Adam's coupled L2, the weight of a
+    layer with its own gain (WN's v, scaled WS's weight) is left undecayed too: w depends on v / ||v|| only,
+    so L2 changes nothing the loss sees, and Adam scales it to a step of about lr per element, which
+    collapses ||v|| where the loss gives v no gradient (g = 0) and makes the gradient through g v / ||v||
+    explode once g moves: WN went NaN this way on an H100 (docs/recipe.md)."""
     decayed = {id(layer.direction) for layer in weight_layers(model).values()
-               if args.optimizer == "adamw" or layer.gain is None}
+               if recipe.optimizer == "adamw" or layer.gain is None}
     params = list(model.parameters())
-    groups = [{"params": [p for p in params if id(p) in decayed], "weight_decay": args.weight_decay},
+    groups = [{"params": [p for p in params if id(p) in decayed], "weight_decay": recipe.weight_decay},
               {"params": [p for p in params if id(p) not in decayed], "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.Adam
-    return optimizer(groups, lr=lr, fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW if recipe.optimizer == "adamw" else torch.optim.Adam
+    return optimizer(groups, lr=recipe.peak_lr(), fused=device.type == "cuda")
 
 
-def make_agc(model: nn.Module, args) -> AdaptiveGradClip:
+def make_agc(model: nn.Module, recipe: Recipe) -> AdaptiveGradClip:
     """AGC (--agc) on every conv's weight tensor, WN's v and WS's raw weight among them, by role as the
     optimizer's groups: not on gains, biases or norm affines, and never on the final linear, which Brock et
     al. 2021b (section 4.1) found better left unclipped."""
     layers = weight_layers(model).values()
-    return AdaptiveGradClip([layer.direction for layer in layers if layer.module is not model.fc], args.agc)
+    return AdaptiveGradClip([layer.direction for layer in layers if layer.module is not model.fc], recipe.agc)
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
-    """The learning rate of step `step` (0-based, of `total`) as a fraction of the peak (peak_lr): a linear
-    warmup to 1 over the first `warmup` steps, then a cosine to 0 at the end of the run, or x0.1 at 50% and at
-    75% of it."""
+    """The learning rate of step `step` (0-based, of `total`) as a fraction of the peak: a linear warmup to 1
+    over the first `warmup` steps, then a cosine to 0 at the end of the run, or x0.1 at 50% and at 75% of it."""
     if step < warmup:
         return (step + 1) / warmup
     if schedule == "step":
@@ -261,11 +181,12 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))
 
 
-def make_scheduler(optimizer, args, steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
+def make_scheduler(optimizer, recipe: Recipe, steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
     # One pure function of the step inside torch's LambdaLR: exact at any step, so a resumed run replays it,
     # where chaining LinearLR and CosineAnnealingLR in SequentialLR computes the cosine recursively.
-    total, warmup = args.epochs * steps_per_epoch, round(args.warmup_epochs * steps_per_epoch)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total, warmup, args.lr_schedule))
+    total, warmup = recipe.epochs * steps_per_epoch, round(recipe.warmup_epochs * steps_per_epoch)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer,
+                                             lambda step: lr_factor(step, total, warmup, recipe.lr_schedule))
 
 
 def compile_mode(args, device: torch.device, world: int = 1) -> str:
@@ -290,7 +211,6 @@ class Run:
     agc: AdaptiveGradClip
     params: int
     flops: int
-    init_images: Optional[int]  # the data-dependent init's batch, as used (None for norms without one)
 
     def state(self, progress: Progress, ctx: runtime.Context) -> dict:
         """Everything a resume needs besides the record's history: collective under DDP."""
@@ -317,56 +237,39 @@ class Run:
         return progress
 
 
-def initialize(norm, model: nn.Module, args, data, ctx: runtime.Context) -> Optional[int]:
-    """The norm's own init: WN's data-dependent one on one batch of training images, sws's residual scaling on
-    none. Returns the number of images it used; None where it asked for none."""
-    used = []
-
-    def images() -> torch.Tensor:
-        n = args.init_images or min(INIT_IMAGES, data.train_images)
+def initialize(model: nn.Module, recipe: Recipe, data, ctx: runtime.Context) -> None:
+    """The norm's own init, before the first step: WN's data-dependent one on a batch of --init_images
+    training images, then the residual branches scaled by --residual_scale (WN's and sws's)."""
+    norm, n = NORMS[recipe.norm_type], recipe.init_images
+    if norm.data_init:
         if n > data.train_images:
             raise flag_error("--init_images", f"must be at most {data.train_images}, the training images, got {n}")
-        used.append(n)
-        return data.train.init_batch(n)[0].to(ctx.device)
-
-    try:
-        norm.init(model, images, args.residual_scale)
-    except ValueError as e:  # a channel with no spread on this batch: g = 1/std would be infinite
-        raise flag_error("--init_images", f"{e} on the init batch of {used[0]} images; use more images") from None
-    except RuntimeError as e:  # torch.OutOfMemoryError on CUDA; a plain RuntimeError from the CPU's allocator
-        if not (isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e)):
-            raise
-        raise flag_error("--init_images", f"{used[0] if used else 'the'} init images do not fit in the memory of "
-                                          f"{ctx.device} in one batch; use fewer") from None
-    check_finite_at_init(model, data.train.init_batch(min(CHECK_IMAGES, data.train_images))[0].to(ctx.device), args)
-    return used[0] if used else None
-
-
-@torch.no_grad()
-def check_finite_at_init(model: nn.Module, x: torch.Tensor, args) -> None:
-    """Refuses an init that leaves the network's output non-finite before any step, which training would
-    record as a run that diverged: e.g. --residual_scale 1e308 multiplies every residual branch by 1e308,
-    inf in float32. In eval mode, so that no running statistic moves and a few images are enough."""
-    training = model.training
-    model.eval()
-    worst = model(x).float().abs().max().item()
-    model.train(training)
+        try:
+            data_dependent_init(model, data.train.init_batch(n)[0].to(ctx.device))
+        except ValueError as e:  # a channel with no spread on this batch: g = 1/std would be infinite
+            raise flag_error("--init_images", f"{e} on the init batch of {n} images; use more images") from None
+        except (torch.OutOfMemoryError, MemoryError):
+            raise flag_error("--init_images", f"{n} init images do not fit in the memory of {ctx.device} in one "
+                                              f"batch; use fewer") from None
+    if norm.scales_residuals:
+        scale_residual_branches(model, recipe.residual_scale)
+    # An output that is not finite before any step would be recorded as a run that diverged: --residual_scale
+    # 1e308 multiplies every residual branch by 1e308, inf in float32.
+    worst = largest_output(model, data.train.init_batch(min(CHECK_IMAGES, data.train_images))[0].to(ctx.device))
     if not math.isfinite(worst):
-        raise flag_error("--residual_scale", f"{args.residual_scale} leaves the network's output {worst} after the "
+        raise flag_error("--residual_scale", f"{recipe.residual_scale} leaves the network's output {worst} after the "
                                              f"init, before any step; use a smaller scale (auto: 1/(blocks in the "
                                              f"stage))")
 
 
-def build(args, ctx: runtime.Context, data) -> Run:
-    norm = NORMS[args.norm_type]
-    model = build_model(args.backbone_type, args.norm_type, data.num_classes,
-                        cifar_stem=DATASETS[args.data_name].image_size == 32, width=args.width)
-    params, flops = count_params_flops(model, DATASETS[args.data_name].image_size)
+def build(recipe: Recipe, args, ctx: runtime.Context, data) -> Run:
+    model = build_model(recipe.backbone_type, recipe.norm_type, data.num_classes,
+                        cifar_stem=DATASETS[recipe.data_name].image_size == 32, width=recipe.width)
+    params, flops = count_params_flops(model, DATASETS[recipe.data_name].image_size)
     model.to(ctx.device)
-    # before DDP wraps the model, whose constructor hands every rank rank 0's values
-    init_images = initialize(norm, model, args, data, ctx) if norm.init else None
-    if args.sync_bn and ctx.world > 1:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    initialize(model, recipe, data, ctx)  # before DDP wraps the model, whose constructor hands every rank rank 0's
+    if recipe.sync_bn:
+        model = NORMS[recipe.norm_type].sync(model)
     model = model.to(ctx.device, memory_format=ctx.memory_format)
     train_model = model
     if ctx.world > 1:
@@ -375,24 +278,24 @@ def build(args, ctx: runtime.Context, data) -> Run:
     mode = compile_mode(args, ctx.device, ctx.world)
     if mode != "off":
         train_model = torch.compile(train_model, mode=mode)
-    optimizer = make_optimizer(model, args, peak_lr(args, ctx.world), ctx.device)
+    optimizer = make_optimizer(model, recipe, ctx.device)
     probe = ctx.to_device(*data.train.init_batch(PROBE_IMAGES)) if args.layer_stats else None
     stats = LayerStats(model, weight_layers(model), blocks(model), probe, ctx.autocast)
-    return Run(model, train_model, optimizer, make_scheduler(optimizer, args, len(data.train)), stats,
-               make_agc(model, args), params, flops, init_images)
+    return Run(model, train_model, optimizer, make_scheduler(optimizer, recipe, len(data.train)), stats,
+               make_agc(model, recipe), params, flops)
 
 
 # -----------------------------------------------------------------------------
 # the loop
 
 def run_epoch(run: Run, data, record: RunRecord, board: Board, progress: Progress, ctx: runtime.Context,
-              stop: runtime.StopSignal, args) -> Progress:
+              stop: runtime.StopSignal, epochs: int) -> Progress:
     """Finish the epoch under way, evaluate it, and record it; returns the progress of the next epoch."""
     epoch = progress.epoch
     data.train.set_epoch(epoch, progress.step)
     start = time.time()
     try:
-        train_one_epoch(run, data.train, progress, ctx, stop, args.epochs, board)
+        train_one_epoch(run, data.train, progress, ctx, stop, epochs, board)
     finally:
         progress.seconds += time.time() - start
     train = progress.totals(ctx)
@@ -403,81 +306,91 @@ def run_epoch(run: Run, data, record: RunRecord, board: Board, progress: Progres
     row = EpochRow(epoch, progress.lr, train.loss, train.top1, test["loss"], test["top1"], test["top5"],
                    progress.seconds + time.time() - start)
     layer_rows, following = run.layer_stats.rows(epoch), Progress.start(epoch + 1, run.optimizer, ctx.device)
-    if epoch < args.epochs:
+    if epoch < epochs:
         record.end_epoch(row, layer_rows, run.state(following, ctx))
     else:
         record.finish(row, layer_rows, run.model.state_dict(), run.state(following, ctx))
     board.epoch(row, layer_rows)
-    ctx.log(f"epoch {epoch}/{args.epochs}: train loss {train.loss:.4f} top-1 {train.top1:.2f}% | test loss "
+    ctx.log(f"epoch {epoch}/{epochs}: train loss {train.loss:.4f} top-1 {train.top1:.2f}% | test loss "
             f"{test['loss']:.4f} top-1 {test['top1']:.2f}% top-5 {test['top5']:.2f}% | {row.seconds:.1f} s")
     return following
 
 
-def head(args, ctx: runtime.Context, data=None, run: Run = None) -> dict:
-    """The run's args.json: every flag as used, where and how it ran, and what it trained on; the parts that
-    need the data and the model are left out (None) before they exist."""
-    return {"name": args.name, **{k: v for k, v in vars(args).items() if k != "name"},
-            "device": str(ctx.device), "compile": compile_mode(args, ctx.device, ctx.world), "world_size": ctx.world,
-            "peak_lr": peak_lr(args, ctx.world),
-            "init_images_used": run.init_images if run else None,
-            "data_fingerprint": data.fingerprint if data else None, "train_images": data.train_images if data else None,
-            "params": run.params if run else None, "flops": run.flops if run else None, **provenance(ctx.device_name)}
-
-
-def train_epochs(run: Run, data, record: RunRecord, board: Board, progress: Progress, ctx: runtime.Context,
-                 args) -> None:
-    """Every epoch left; a divergence or a signal is recorded as such and ends the run with one line."""
+@contextmanager
+def stopping(record: RunRecord, run: Run, ctx: runtime.Context):
+    """The loop's StopSignal. A divergence, or a signal, is recorded as such and ends the run with one line."""
     with runtime.StopSignal() as stop:
         try:
-            while progress.epoch <= args.epochs:
-                progress = run_epoch(run, data, record, board, progress, ctx, stop, args)
+            yield stop
         except runtime.Diverged as e:
             record.diverge(str(e))
-            raise RunDiverged(f"{args.name} diverged: {e}. Its {len(record.epochs)} finished epochs are in "
+            raise RunDiverged(f"{record.name} diverged: {e}. Its {len(record.epochs)} finished epochs are in "
                               f"{record.statistics}, and it is recorded as diverged") from None
-        except runtime.Interrupted:
-            record.interrupt(run.state(progress, ctx))
-            command = shlex.join(["python", *sys.argv] + ([] if args.resume else ["--resume"]))
-            raise UserError(f"stopped by {signal.Signals(stop.signum).name} in epoch {progress.epoch} after step "
-                            f"{progress.step}; {record.checkpoint} is saved. Continue with: {command}",
+        except runtime.Interrupted as e:
+            record.interrupt(run.state(e.progress, ctx))
+            command = shlex.join([*runtime.launcher(), *sys.argv] + ([] if "--resume" in sys.argv else ["--resume"]))
+            raise UserError(f"stopped by {signal.Signals(stop.signum).name} in epoch {e.progress.epoch} after step "
+                            f"{e.progress.step}; {record.checkpoint} is saved. Continue with: {command}",
                             exit_code=128 + stop.signum) from None
 
 
-def train(args, ctx: runtime.Context, record: RunRecord) -> None:
-    """A run that is not a result yet: its data and model, where it stands, and its epochs."""
-    data = build_loaders(args, ctx)
-    run = build(args, ctx, data)
-    recipe = head(args, ctx, data, run)
-    progress = record.start(recipe, args.resume, ctx.device,
-                            restore=lambda state: run.load(state, ctx, record.checkpoint))
-    progress = progress or Progress.start(1, run.optimizer, ctx.device)
+def run_head(args, record: RunRecord, ctx: runtime.Context, data, run: Run) -> dict:
+    """The run's args.json: its recipe and seed, every flag as given, where and how it ran, what it trained on."""
+    return {"name": record.name, "recipe": record.recipe.to_json(), "seed": args.seed, "flags": vars(args),
+            "device": str(ctx.device), "compile": compile_mode(args, ctx.device, ctx.world),
+            "peak_lr": record.recipe.peak_lr(), "data_fingerprint": data.fingerprint, "train_images": data.train_images,
+            "params": run.params, "flops": run.flops, **provenance(ctx.device_name)}
+
+
+def say_what_does_nothing(args, recipe: Recipe, ctx: runtime.Context) -> None:
     if args.device is None and ctx.device.type == "cpu":  # here, not first: an error before it is one line alone
         ctx.log("notice: no CUDA device found, training on the CPU")
-    ctx.log(f"{args.name}: {run.params / 1e6:.2f}M params, {human(run.flops)} FLOPs, {ctx.world} x {ctx.device_name}")
-    events = board_folder(args.results_dir, args.name)
-    if args.tensorboard:
-        ctx.log(f"curves as it trains: tensorboard --logdir {args.results_dir} (events in {events})")
-    with Board(events, args.tensorboard and ctx.is_main, len(data.train), progress, weight_layers(run.model),
-               recipe) as board:
-        train_epochs(run, data, record, board, progress, ctx, args)
-    written = [record.statistics] + ([record.layers_csv] if record.layers else [])
-    ctx.log(f"{args.name} finished: results in {', '.join(map(str, written))} and {record.summary}; weights in "
-            f"{record.weights}")
+    for flag in recipe.unused(args):
+        ctx.log(f"notice: --{flag} does nothing for --norm_type {recipe.norm_type} on {ctx.world} process(es)")
+
+
+def left_alone(record: RunRecord, args, ctx: runtime.Context) -> bool:
+    """Whether the run is a result already, finished or diverged, which is never trained again. A run that has
+    files is refused without --resume: results are never overwritten."""
+    status = record.status()
+    if status and not args.resume:
+        raise UserError(f"{record.name} already has results in {args.results_dir}; pass --resume to continue it (or "
+                        f"skip it if it is done), or choose another --results_dir")
+    if status in DONE:
+        ctx.log(f"{record.name} is already {status} in {args.results_dir}; nothing to do")
+    return status in DONE
 
 
 def main(args: argparse.Namespace) -> None:
-    """One run: trained from the start, resumed from its checkpoint, or left alone if it is a result already."""
+    """One run: trained from the start, resumed from its checkpoint, or left alone if it is a result already.
+    Its folder is made only once the data and the network have passed their checks, and it is asked again,
+    under the run's lock, whether another process finished it meanwhile."""
     ctx = runtime.setup(args)
-    with RunRecord(args.results_dir, args.name, DEFAULTS, ctx.is_main, args.keep_checkpoint, RENAMED_FLAGS) as record:
-        status = record.status()
-        if status and not args.resume:
-            raise UserError(f"{args.name} already has results in {args.results_dir}; pass --resume to continue "
-                            f"it (or skip it if it is done), or choose another --results_dir")
-        if status in DONE:
-            record.check(head(args, ctx))
-            record.restore_summary()
-            return ctx.log(f"{args.name} is already {status} in {args.results_dir}; nothing to do")
-        train(args, ctx, record)
+    with ctx.main_first():  # rank 0 downloads the data whose size a default may need
+        record = run_record(args, ctx.device.type, ctx.world, enabled=ctx.is_main)
+    if left_alone(record, args, ctx):
+        return
+    data = build_loaders(args, ctx)
+    run = build(record.recipe, args, ctx, data)
+    with record:
+        if left_alone(record, args, ctx):
+            return
+        head = run_head(args, record, ctx, data, run)
+        checkpoint = record.resumable(head) if args.resume else None
+        progress = (run.load(checkpoint["state"], ctx, record.checkpoint) if checkpoint
+                    else Progress.start(1, run.optimizer, ctx.device))
+        record.start(head, checkpoint)
+        say_what_does_nothing(args, record.recipe, ctx)
+        ctx.log(f"{record.name}: {run.params / 1e6:.2f}M params, {human(run.flops)} FLOPs, {ctx.world} x "
+                f"{ctx.device_name}" + (f"; curves as it trains: tensorboard --logdir {args.results_dir}"
+                                        if args.tensorboard else ""))
+        board = Board(record.dir, args.tensorboard and ctx.is_main, len(data.train), progress,
+                      weight_layers(run.model), {**record.recipe, "seed": args.seed})
+        with board, stopping(record, run, ctx) as stop:
+            while progress.epoch <= record.recipe.epochs:
+                progress = run_epoch(run, data, record, board, progress, ctx, stop, record.recipe.epochs)
+    written = [record.statistics] + ([record.layers_csv] if record.layers else [])
+    ctx.log(f"{record.name} finished: results in {', '.join(map(str, written))}; weights in {record.weights}")
 
 
 if __name__ == "__main__":

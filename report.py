@@ -4,18 +4,20 @@
     python report.py --readme README.md       # also replace the README's results section with the table
     python report.py --all                    # keep subset and short runs in the table too
     python report.py --architecture architecture.png   # only redraw the architecture figure
-    python report.py --rebuild_summary        # summary.csv's rows anew from every run's own files first
+    python report.py --migrate                # first move a results folder of older versions into recipe folders
 
-Reads summary.csv and the per-run CSVs that cls.py writes, and the original README's table
-(results/original_readme.csv). Runs that differ only in --seed form one row: the mean and sample standard
-deviation of their final epoch's test accuracy, over the finished ones (docs/statistics.md). Writes, under
---results_dir:
+Reads every run's own files under --results_dir, {recipe}/seed{N}/, and counts a run only where they agree
+(utils/results.py); a line on stderr names each run it leaves out, and why. The seeds of a recipe, on the same
+data, form one row: the mean and sample standard deviation of their final epoch's test accuracy, over the
+finished ones (docs/statistics.md). Beside them it reads the original README's table
+(results/original_readme.csv). Writes, under --results_dir:
+    summary.csv                  one row per run: its recipe, status and results, derived, never read back
     results.md                   the table in the original's format, with the original's numbers beside ours
     comparisons.md               every norm against bn, and wn against every norm at its smallest and largest
                                  batch: the difference of mean final top-1 and its 95% confidence interval
     top1_vs_batch_size.png       final top-1 against batch size, mean ± std over seeds, one line per norm
-    curves/{run}.png             test top-1 and train loss against epoch: every seed of a run, and their mean
-    layers/{run}.png             gradient norm and ||Δw||/||w|| per layer and epoch, for every run with layers.csv
+    curves/{recipe}.png          test top-1 and train loss against epoch: every seed of a recipe, and their mean
+    layers/{recipe}/seed{N}.png  gradient norm and ||Δw||/||w|| per layer and epoch, for every run with layers.csv
     signal/{data}_{backbone}_{batch}.png   activation std across depth, first and last epoch, a line per norm
 The table, the comparisons and top1_vs_batch_size.png leave out runs on a --subset, of another --width, or
 of fewer than --min_epochs epochs (smoke tests), and say how many they left out.
@@ -26,6 +28,7 @@ if __name__ == "__main__":
     exit_on_ctrl_c("report.py")  # before the imports below, which take seconds (flake8: E402 is meant)
 
 import hashlib
+import sys
 import warnings
 from pathlib import Path
 
@@ -33,81 +36,63 @@ import numpy as np
 import pandas as pd
 import scipy.stats
 
-import cls
 from model import MODELS, NORMS
-from utils import plots
+from recipe import PER_NORM
+from utils import migrate, plots, results as runs_of
 from utils.cli import ArgumentParser, UserError, positive_int, run_cli
 from utils.data import DATASETS
+from utils.files import read_csv, write_text
 from utils.layerstats import LAYER_COLUMNS
 from utils.metrics import human
-from utils.runfiles import EPOCH_COLUMNS, RESULT_COLUMNS, read_csv, read_summary, rebuild_summary, write_text
+from utils.record import EPOCH_COLUMNS
 
 
 LABELS = {"data": {k: d.label for k, d in DATASETS.items()}, "backbone": {k: m.label for k, m in MODELS.items()},
           "norm": {k: n.label for k, n in NORMS.items()}}
 ORIGINAL_EPOCHS = 90
 README_MARKERS = ("<!-- report.py: begin -->", "<!-- report.py: end -->")
-OWN_COLUMNS = ("data_name", "backbone_type", "norm_type", "batch_size", "epochs", "seed")  # flags the table shows
+OWN_COLUMNS = ("data_name", "backbone_type", "norm_type", "batch_size", "epochs")  # values the table shows
 SMOKE_FLAGS = ("subset", "width")  # in bold where they differ from the papers'
 CONFIDENCE = 0.95
 
 
 # -----------------------------------------------------------------------------
-# runs: summary.csv, every defining flag, and the keys that group them
-
-def canonical(value) -> str:
-    """One spelling per value, so that 0.001 and 1e-3, 32 and 32.0, True and "True" are the same flag value."""
-    if isinstance(value, (bool, np.bool_)):
-        return str(bool(value))
-    try:
-        return repr(float(value))
-    except (TypeError, ValueError):
-        return str(value)
-
+# runs, each read from its own files, and the keys that group them
 
 def shown_value(value) -> str:
-    return f"{value:g}" if isinstance(value, (float, np.floating)) else str(value)
+    """Full precision: two recipes whose lr differs in the tenth digit are two rows, and say so."""
+    return repr(value) if isinstance(value, float) else str(value)
 
 
-def key(row, leave_out: tuple) -> str:
-    """The run's defining flags but those in leave_out: runs with the same key differ only there."""
-    return ", ".join(f"{f}={canonical(row[f])}" for f in cls.DEFINING_FLAGS if f not in leave_out)
-
-
-def changed(row) -> list:
-    """The defining flags, but the table's own columns, whose value differs from cls.py's default."""
-    return [f for f in cls.DEFINING_FLAGS if f not in OWN_COLUMNS and canonical(row[f]) != canonical(cls.DEFAULTS[f])]
-
-
-def flags_text(row, bold: bool = False) -> str:
-    """How the run differs from cls.py's defaults, besides the table's columns: '--lr 0.002, --width 8'."""
-    parts = [(f"--{f} {shown_value(row[f])}", f in SMOKE_FLAGS) for f in changed(row)]
+def flags_text(run: pd.Series, bold: bool = False) -> str:
+    """How the run's recipe differs from cls.py's defaults, besides the table's columns: '--lr 0.002, --width
+    8'; and the data's fingerprint where its recipe was trained on other data too."""
+    differs = run.recipe.differs(runs_of.context_of(run))
+    parts = [(f"--{f} {shown_value(v)}" if f != "world_size" else f"{v} processes", f in SMOKE_FLAGS)
+             for f, v in differs.items() if f not in OWN_COLUMNS]
+    if run.other_data:
+        parts.append((f"data {run.data_fingerprint}", False))
     return ", ".join(f"**{text}**" if bold and smoke else text for text, smoke in parts) or "defaults"
 
 
-def read_runs(path: Path) -> pd.DataFrame:
-    """summary.csv, one row per run, with a name and every defining flag. An older file's missing flags
-    take cls.py's defaults, and its missing names the old {data}_{backbone}_{norm}_{batch}."""
-    df = read_summary(path)
-    for flag in cls.DEFINING_FLAGS:
-        values = df[flag] if flag in df else [None] * len(df)
-        df[flag] = [cls.DEFAULTS[flag] if pd.isna(v) else v for v in values]
-    return df.reindex(columns=list(dict.fromkeys([*df.columns, *RESULT_COLUMNS])))
-
-
 def load(results: Path) -> pd.DataFrame:
-    """Our runs, labelled and keyed, joined with the original README's row for the same configuration.
-    group: the runs that differ only in --seed; family: those that differ only in --seed and --norm_type;
-    series: those that differ only in --seed, --norm_type and --batch_size."""
-    if not (results / "summary.csv").exists():
-        raise UserError(f"no runs in {results / 'summary.csv'}; run cls.py or sweep.py first")
-    ours = read_runs(results / "summary.csv")
+    """Every run that counts, one row each, labelled and keyed, joined with the original README's row for the
+    same configuration; a line on stderr for each run left out. group: the runs of one recipe on one data (the
+    seeds of a row); family: those that differ only in the norm; series: only in the norm and the batch size.
+    The data's fingerprint is in every key: runs on other images are never pooled."""
+    ours, skipped = runs_of.read_results(results)
+    for line in skipped:
+        print(f"report.py: {line}", file=sys.stderr)
+    if ours.empty:
+        raise UserError(f"no runs in {results}; run cls.py or sweep.py first")
     ours = ours.assign(**{column: ours[key].map(lambda k, kind=kind: LABELS[kind].get(k, k)) for column, key, kind in
                           (("Data", "data_name", "data"), ("Backbone", "backbone_type", "backbone"),
                            ("Norm Type", "norm_type", "norm"))}, **{"Batch Size": ours.batch_size.astype(int)})
-    for column, leave_out in (("group", ("seed",)), ("family", ("seed", "norm_type")),
-                              ("series", ("seed", "norm_type", "batch_size"))):
-        ours[column] = [key(row, leave_out) for _, row in ours.iterrows()]
+    for column, leave_out in (("group", ()), ("family", ("norm_type", *PER_NORM)),
+                              ("series", ("norm_type", "batch_size", *PER_NORM))):
+        ours[column] = [f"{r.recipe.key(leave_out)}, data {r.data_fingerprint}" for _, r in ours.iterrows()]
+    fingerprints = ours.groupby(ours.recipe.map(lambda r: r.key())).data_fingerprint.transform("nunique")
+    ours["other_data"] = fingerprints > 1
     ours["flag_text"] = [flags_text(row) for _, row in ours.iterrows()]
     original = read_csv(Path(__file__).parent / "results" / "original_readme.csv", ["Top1 Acc (%)", "Top5 Acc (%)"])
     original = original.rename(columns={"Top1 Acc (%)": "original_top1", "Top5 Acc (%)": "original_top5"})
@@ -126,22 +111,22 @@ def is_result(df: pd.DataFrame, min_epochs: int) -> pd.Series:
 # seeds: one row per group of runs that differ only in --seed
 
 SEED_COLUMNS = ["runs", "seeds", "n", "diverged", "unfinished", "top1", "top1_mean", "top1_std", "top5_mean",
-                "top5_std", "best_top1_mean", "devices"]
+                "top5_std", "best_top1_mean", "devices", "commits"]
 
 
 def device_text(run: pd.Series) -> str:
-    return f"{run.device}" + (f" x{run.world_size:g}" if run.world_size > 1 else "")
+    return f"{run.device_name}" + (f" x{run.world_size:g}" if run.world_size > 1 else "")
 
 
 def aggregate(df: pd.DataFrame) -> pd.DataFrame:
-    """One row per seed group: the configuration of its lowest seed (its name names the group), the names
+    """One row per seed group: the configuration of its lowest seed (its recipe names the group), the names
     and seeds of its runs, and over its finished runs only, n, the final epoch's top-1 (`top1`, a tuple),
-    the mean and sample standard deviation (NaN for n = 1) of the final top-1 and top-5, and the mean
-    best-epoch top-1. diverged and unfinished count the runs the means leave out."""
+    the mean and sample standard deviation (NaN for n = 1) of the final top-1 and top-5, the mean best-epoch
+    top-1, and the commits they were made with. diverged and unfinished count the runs the means leave out."""
     rows = []
     for _, runs in df.groupby("group", sort=False):
         runs = runs.sort_values("seed")
-        done = runs[runs.status == "finished"].dropna(subset=["final_top1"])
+        done = runs[runs.status == "finished"]
         diverged = int((runs.status == "diverged").sum())
         rows.append({**runs.iloc[0].to_dict(), "runs": tuple(runs["name"]), "seeds": tuple(runs.seed),
                      "n": len(done), "diverged": diverged, "unfinished": len(runs) - len(done) - diverged,
@@ -149,7 +134,9 @@ def aggregate(df: pd.DataFrame) -> pd.DataFrame:
                      "top1_mean": done.final_top1.mean(), "top1_std": done.final_top1.std(),
                      "top5_mean": done.final_top5.mean(), "top5_std": done.final_top5.std(),
                      "best_top1_mean": done.best_top1.mean(),
-                     "devices": ", ".join(dict.fromkeys(device_text(r) for _, r in done.iterrows()))})
+                     "devices": ", ".join(dict.fromkeys(device_text(r) for _, r in done.iterrows())),
+                     "commits": ", ".join(dict.fromkeys(str(c)[:7] + ("-dirty" if str(c).endswith("-dirty") else "")
+                                                        for c in done.git_commit if c))})
     return pd.DataFrame(rows, columns=list(dict.fromkeys([*df.columns, *SEED_COLUMNS])))
 
 
@@ -178,14 +165,14 @@ def seeds_cell(g: pd.Series) -> str:
 def table(groups: pd.DataFrame, left_out: int, min_epochs: int) -> str:
     header = ["Data", "Backbone", "Norm Type", "Batch Size", "Params (M)", "FLOPs", "Top1 Acc (%)", "Top5 Acc (%)",
               "Seeds", "Original Top1 (%)", "Original Top5 (%)", "Best-epoch Top1 (%), picked on the test set",
-              "Epochs (ours / original)", "Flags", "Device"]
+              "Epochs (ours / original)", "Flags", "Device", "Commit"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for _, g in in_order(groups).iterrows():
         cells = [g.Data, g.Backbone, g["Norm Type"], g["Batch Size"], f"{g.params_m:.2f}", human(g.flops),
                  headline(g, "top1"), headline(g, "top5"), seeds_cell(g),
                  *("-" if pd.isna(g[c]) else f"{g[c]:.2f}" for c in ("original_top1", "original_top5",
                                                                        "best_top1_mean")),
-                 f"{g.epochs:g} / {ORIGINAL_EPOCHS}", flags_text(g, bold=True), g.devices or "-"]
+                 f"{g.epochs:g} / {ORIGINAL_EPOCHS}", flags_text(g, bold=True), g.devices or "-", g.commits or "-"]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     notes = ("Top1/Top5 Acc: ours, the test accuracy after the final epoch, as mean ± sample standard deviation "
              "over the seeds of a row (runs that differ only in --seed; Seeds: how many, finished runs only). "
@@ -193,6 +180,7 @@ def table(groups: pd.DataFrame, left_out: int, min_epochs: int) -> str:
              "so an optimistic number. Original: the original README's numbers for the same row (CIFAR-10, "
              f"{ORIGINAL_EPOCHS} epochs, batch size as given, NVIDIA Tesla V100, one number each), for comparison; "
              "'-' where it has none. Flags: those that differ from cls.py's defaults (`python cls.py --help`). "
+             "Commit: the code the seeds were trained with, every commit where they differ. "
              "Differences between norms with confidence intervals: comparisons.md.")
     unfinished = int(groups.diverged.sum() + groups.unfinished.sum())
     if unfinished:
@@ -303,19 +291,23 @@ def signal_names(groups: pd.DataFrame) -> dict:
     return names
 
 
+def group_name(g: pd.Series) -> str:
+    """The recipe's folder, and the data where the recipe was trained on other data too."""
+    return g["name"].split("/")[0] + (f"_data{g.data_fingerprint}" if g.other_data else "")
+
+
 def per_run_plots(results: Path, df: pd.DataFrame) -> None:
     """curves/ for every seed group, layers/ for every run, signal/ for every family (one seed of each norm)."""
     layers = {}
     for name in df["name"]:
-        if (results / f"{name}_layers.csv").exists():
-            layers[name] = read_csv(results / f"{name}_layers.csv", LAYER_COLUMNS)
+        if (results / name / "layers.csv").exists():
+            layers[name] = read_csv(results / name / "layers.csv", LAYER_COLUMNS)
             plots.layer_heatmaps(layers[name], name, results / "layers" / f"{name}.png")
     groups = aggregate(df)
     for _, g in groups.iterrows():
-        stats = {f"seed {seed:g}": read_csv(results / f"{name}_statistics.csv", EPOCH_COLUMNS)
-                 for name, seed in zip(g.runs, g.seeds, strict=True) if (results / f"{name}_statistics.csv").exists()}
-        if stats:
-            plots.curves(stats, g["name"], results / "curves" / f"{g['name']}.png")
+        stats = {f"seed {seed:g}": read_csv(results / name / "statistics.csv", EPOCH_COLUMNS)
+                 for name, seed in zip(g.runs, g.seeds, strict=True)}
+        plots.curves(stats, group_name(g), results / "curves" / f"{group_name(g)}.png")
     names = signal_names(groups)
     for family, same in groups.groupby("family", sort=False):
         runs = {g["Norm Type"]: layers[g["name"]] for _, g in same.iterrows() if g["name"] in layers}
@@ -332,18 +324,21 @@ def main(argv=None) -> None:
     p.add_argument("--min_epochs", default=10, type=positive_int, help="shorter runs stay out of the table")
     p.add_argument("--all", action="store_true", help="keep subset, narrow and short runs in the table")
     p.add_argument("--architecture", default=None, help="only draw the architecture figure to this path")
-    p.add_argument("--rebuild_summary", action="store_true",
-                   help="first rewrite every run's row of summary.csv from the run's own files")
+    p.add_argument("--migrate", action="store_true",
+                   help="first move the flat results of versions before recipe folders into {recipe}/seed{N}/ "
+                        "(utils/migrate.py)")
     args = p.parse_args(argv)
     if args.architecture:
         return plots.draw_architecture(Path(args.architecture))
     results = Path(args.results_dir)
     around = readme_around_section(Path(args.readme)) if args.readme else None
-    if args.rebuild_summary:
-        print(f"rebuilt the rows of {rebuild_summary(results, cls.DEFAULTS)} runs in {results / 'summary.csv'}")
+    if args.migrate:
+        moved, left = migrate.migrate(results)
+        for line in left:
+            print(f"report.py: {line}", file=sys.stderr)
+        print(f"moved {moved} runs into recipe folders under {results}" + (f"; {len(left)} left" if left else ""))
     df = load(results)
-    if df.empty:
-        raise UserError(f"no runs in {results / 'summary.csv'}; run cls.py or sweep.py first")
+    runs_of.write_summary(results, df)
     shown = df if args.all else df[is_result(df, args.min_epochs)]
     groups = aggregate(shown)
     text = table(groups, len(df) - len(shown), args.min_epochs)
@@ -353,8 +348,8 @@ def main(argv=None) -> None:
     per_run_plots(results, df)
     if around:
         write_text(f"{around[0]}{text}{around[1]}", Path(args.readme))
-    print(f"wrote {results / 'results.md'} ({len(shown)} runs in {len(groups)} rows, {len(df) - len(shown)} left "
-          f"out), {results / 'comparisons.md'} and the plots")
+    print(f"wrote {results / 'summary.csv'}, {results / 'results.md'} ({len(shown)} runs in {len(groups)} rows, "
+          f"{len(df) - len(shown)} left out), {results / 'comparisons.md'} and the plots")
 
 
 if __name__ == "__main__":

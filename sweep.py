@@ -8,13 +8,15 @@ Examples:
     torchrun --nproc_per_node 4 sweep.py --data_name imagenet --norm_type bn gn --batch_size 32 64
     python sweep.py --launcher slurm --norm_type bn in gn wn wn_mbn --batch_size 32 --partition gpu  # docs/cluster.md
 
-Every flag of cls.py that defines a run and takes a value takes several here; the grid is their product, one
-cls.py run a point, and a run asked for twice runs once. Every other flag goes to every run unchanged.
-With --jobs 1 the configurations run one after another in this process (under torchrun, each on all the
-processes). With --jobs N, N of them run at once, each as its own cls.py process on the same device, with
-its output in {results_dir}/{run}.log: small batches leave most of a GPU idle (six batch-32
-runs on one H100 took 270 s together, about 100 s each alone). --jobs auto picks N from the free GPU memory.
-With --launcher slurm the grid is one SLURM job array, an element a configuration (utils/slurm.py).
+Every recipe flag of cls.py that takes a value takes several here; the grid is their product, one cls.py run a
+point. The grid is checked whole before anything runs: a bad point stops the sweep, and points that train the
+same run (one recipe, recipe.py, and one seed: --warmup_epochs 5 and 10 with --epochs 1) run once, as the sweep
+says. Every other flag goes to every run unchanged. With --jobs 1 the configurations run one after another in
+this process (under torchrun, each on all the processes). With --jobs N, N of them run at once, each as its own
+cls.py process on the same device, with its output in its run's train.log: small batches leave most of a GPU
+idle (six batch-32 runs on one H100 took 270 s together, about 100 s each alone). --jobs auto picks N from the
+free GPU memory. With --launcher slurm the grid is one SLURM job array, an element a configuration
+(utils/slurm.py). At its end, and with --status, the sweep writes summary.csv anew from the runs' files.
 """
 from utils.cli import exit_on_ctrl_c
 
@@ -34,9 +36,14 @@ from pathlib import Path
 import torch
 
 import cls
+from model import NORMS
+from recipe import RECIPE_FLAGS, make_parser as cls_parser
 from utils import runtime, slurm
-from utils.cli import ArgumentParser, RunDiverged, UserError, auto_or_positive_int, run_cli
-from utils.runfiles import DONE, RunRecord, make_results_dir
+from utils.cli import ArgumentParser, RunDiverged, UserError, auto_or_positive_int, flag_error, run_cli
+from utils.data import check_sizes, train_size
+from utils.files import make_results_dir
+from utils.record import DONE, RunRecord
+from utils.results import read_results, write_summary
 
 
 # GPU memory a run may take. A budget, not a measurement: ResNet-18 at batch 32 holds CIFAR-10 twice as uint8
@@ -46,29 +53,28 @@ GIB_PER_RUN = 4
 
 @dataclass
 class Config:
-    """One configuration of the grid: its cls.py command line, and that line parsed."""
+    """One point of the grid: its cls.py command line, that line parsed, and its run's record, to read (this
+    process writes none of its files)."""
     argv: list
     args: argparse.Namespace
+    record: RunRecord
+    device: str  # the device type and the processes it runs on, which its recipe depends on
+    world: int
 
     @property
     def name(self) -> str:
-        return self.args.name
-
-    @property
-    def files(self) -> RunRecord:
-        """Its record, to read: this process writes none of its files."""
-        return RunRecord(self.args.results_dir, self.name, cls.DEFAULTS, enabled=False, renamed=cls.RENAMED_FLAGS)
+        return self.record.name
 
 
 def grid_actions(parser: argparse.ArgumentParser) -> list:
-    """cls.py's flags that define a run and take a value; switches (--bf16, --sync_bn) pass through as one."""
-    return [a for a in parser._actions if a.dest in cls.DEFINING_FLAGS and a.option_strings and a.nargs is None]
+    """The recipe's flags that take a value; switches (--bf16, --sync_bn) pass through as one."""
+    return [a for a in parser._actions if a.dest in RECIPE_FLAGS and a.option_strings and a.nargs is None]
 
 
 def make_parser() -> ArgumentParser:
     p = ArgumentParser(description=__doc__)
     grid = p.add_argument_group("the grid", "cls.py's flags that define a run, each with one or more values")
-    for a in grid_actions(cls.make_parser()):  # their types and choices, so a bad value stops the sweep here
+    for a in grid_actions(cls_parser()):  # their types and choices, so a bad value stops the sweep here
         grid.add_argument(*a.option_strings, dest=a.dest, nargs="+", type=a.type, choices=a.choices, help=a.help)
     p.add_argument("--launcher", default="local", choices=["local", "slurm"],
                    help="local: in this process or --jobs processes; slurm: a SLURM job array (docs/cluster.md)")
@@ -79,16 +85,51 @@ def make_parser() -> ArgumentParser:
     return p
 
 
+def where_runs_go(args, opts) -> tuple:
+    """(device type, processes) of every run of the sweep, which its recipe depends on."""
+    if args.device is not None:
+        device = torch.device(args.device).type
+    else:
+        device = "cuda" if opts.launcher == "slurm" or torch.cuda.is_available() else "cpu"
+    return device, opts.gpus_per_run * opts.nodes if opts.launcher == "slurm" else runtime.process_place()[1]
+
+
+def check_against_data(args, world: int) -> None:
+    """The limits the data puts on a grid point, before anything runs: --subset, --batch_size, --init_images."""
+    images = train_size(args.data_name, args.data_path)
+    check_sizes(args, images, world)
+    if NORMS[args.norm_type].data_init and args.init_images and args.init_images > (args.subset or images):
+        raise flag_error("--init_images", f"must be at most {args.subset or images}, the training images, got "
+                                          f"{args.init_images}")
+
+
 def parse(argv=None) -> tuple:
-    """([Config], the sweep's own options). Bad flags stop the sweep here, before any run."""
+    """([Config], the sweep's own options). The grid is checked whole: a bad point stops the sweep before any
+    run, and points that are one run (the same recipe and seed) run once, as the sweep says."""
     opts, rest = make_parser().parse_known_args(argv)
-    grid = {a.dest: opts.__dict__.pop(a.dest) for a in grid_actions(cls.make_parser())}
+    if opts.launcher == "slurm":  # before the grid's checks, which may read (or download) the data
+        if opts.jobs != 1:
+            raise UserError("--jobs is for --launcher local; on SLURM, --array_parallelism caps the runs at once",
+                            exit_code=2)
+        slurm.check_cluster(opts)
+    grid = {a.dest: opts.__dict__.pop(a.dest) for a in grid_actions(cls_parser())}
     grid = {flag: values for flag, values in grid.items() if values is not None}
-    configs = {}  # by name: a run named twice runs once
+    configs, points = {}, {}
     for values in itertools.product(*grid.values()):
         argv = [f"--{flag}={value}" for flag, value in zip(grid, values, strict=True)] + rest + ["--resume"]
-        config = Config(argv, cls.parse_args(argv))
-        configs.setdefault(config.name, config)
+        args = cls.parse_args(argv)
+        device, world = where_runs_go(args, opts)
+        check_against_data(args, world)
+        config = Config(argv, args, cls.run_record(args, device, world), device, world)
+        key = (config.record.recipe, args.seed)
+        configs.setdefault(key, config)
+        points.setdefault(key, []).append(values)
+    for key, same in points.items():
+        if len(same) > 1:
+            varied = [f"--{flag} {' / '.join(map(str, dict.fromkeys(v)))}" for flag, v in zip(grid, zip(*same))
+                      if len(set(v)) > 1]
+            print(f"sweep.py: {len(same)} points of the grid ({', '.join(varied) or 'the same values'}) train one "
+                  f"run, {configs[key].name}; it runs once", flush=True)
     return list(configs.values()), opts
 
 
@@ -120,9 +161,8 @@ def in_process(configs: list) -> None:
 def done(config: Config) -> bool:
     """Whether the run is finished or diverged, as cls.py would find it, without a process to start: refuses,
     as cls.py does, a run whose files say it was made otherwise."""
-    status = config.files.status()
+    status = config.record.status()
     if status in DONE:
-        config.files.check({**vars(config.args), "world_size": 1})
         print(f"{config.name} is already {status} in {config.args.results_dir}; nothing to do", flush=True)
     return status in DONE
 
@@ -147,8 +187,9 @@ class Children:
         self.env = {**os.environ, "OMP_NUM_THREADS": threads}
 
     def start(self, config: Config) -> None:
-        log = Path(config.args.results_dir) / f"{config.name}.log"
-        log.parent.mkdir(parents=True, exist_ok=True)
+        record = cls.run_record(config.args, config.device, config.world, enabled=True)
+        record.make_folder()
+        log = record.log
         with open(log, "a") as out:
             proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("cls.py")), *config.argv],
                                     stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=self.env)
@@ -186,7 +227,9 @@ def in_parallel(configs: list, jobs: int) -> None:
             child = children.wait()
             status = outcome(child, stopping=bool(children.signum))
             print(f"{child.config.name}: {status} (exit status {child.proc.returncode})", flush=True)
-            if status == "failed":
+            if status.startswith("killed"):
+                failed = failed or f"{child.config.name} was {status}; its output is in {child.log}"
+            elif status == "failed":
                 failed = failed or f"{child.config.name} failed: {last_line(child.log)}"
     finally:
         for s, handler in previous.items():
@@ -200,11 +243,14 @@ def in_parallel(configs: list, jobs: int) -> None:
 
 def outcome(child: Child, stopping: bool) -> str:
     """What a child's exit means: its run finished or diverged (a result either way), it stopped on the signal
-    the sweep forwarded, or it failed (an error, or killed by something else: the OOM killer, a crash)."""
+    the sweep forwarded, it was killed by a signal from elsewhere (the OOM killer's SIGKILL), or it failed."""
     code = child.proc.returncode
-    if stopping and (code < 0 or code >= 128):
-        return "stopped"
-    status = child.config.files.status()
+    if code < 0 or code >= 128:  # a signal's default action, or cls.py's own exit after saving its checkpoint
+        if stopping:
+            return "stopped"
+        signum = -code if code < 0 else code - 128
+        return f"killed by {signal.Signals(signum).name if signum in signal.valid_signals() else signum}"
+    status = child.config.record.status()
     return status if code == 0 or (code == 1 and status == "diverged") else "failed"
 
 
@@ -213,15 +259,17 @@ def last_line(log: Path) -> str:
     return lines[-1] if lines else f"no output, see {log}"
 
 
-def main(argv=None) -> None:
-    configs, opts = parse(argv)
-    if opts.status:
-        return slurm.status(configs)
+def index(results_dir) -> None:
+    """summary.csv, derived anew from every run's files (utils/results.py); rank 0's job under torchrun."""
+    if runtime.process_place()[0] == 0 and Path(results_dir).is_dir():
+        runs, skipped = read_results(results_dir)
+        path = write_summary(results_dir, runs)
+        print(f"sweep.py: {path} lists {len(runs)} runs" + (f", {len(skipped)} left out (python report.py "
+                                                              f"says why)" if skipped else ""), flush=True)
+
+
+def run(configs: list, opts) -> None:
     if opts.launcher == "slurm":
-        if opts.jobs != 1:
-            raise UserError("--jobs is for --launcher local; on SLURM, --array_parallelism caps the runs at once",
-                            exit_code=2)
-        slurm.check_cluster(opts)
         make_results_dir(configs[0].args.results_dir)  # one line, before anything is submitted
         return slurm.launch([c for c in configs if not done(c)], opts)
     make_results_dir(configs[0].args.results_dir)  # one line before any run, whatever --jobs
@@ -231,10 +279,19 @@ def main(argv=None) -> None:
     if jobs > 1 and runtime.process_place()[1] > 1:
         raise UserError("--jobs runs configurations side by side on one device; under torchrun use --jobs 1")
     if jobs == 1:
-        in_process(configs)
-    else:
-        print(f"sweep.py: {len(configs)} configurations, {jobs} at a time", flush=True)
-        in_parallel(configs, jobs)
+        return in_process(configs)
+    print(f"sweep.py: {len(configs)} configurations, {jobs} at a time", flush=True)
+    in_parallel(configs, jobs)
+
+
+def main(argv=None) -> None:
+    configs, opts = parse(argv)
+    try:
+        if opts.status:
+            return slurm.status(configs)
+        run(configs, opts)
+    finally:
+        index(configs[0].args.results_dir)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,8 @@ import slurm_cluster  # noqa: E402
 from model import build_model, count_params_flops  # noqa: E402
 from utils.cli import run_cli  # noqa: E402
 from utils.data import DATASETS  # noqa: E402
+from recipe import Context, Recipe  # noqa: E402
+from utils.record import EpochRow, RunRecord  # noqa: E402
 
 NARROW = ["--width", "8", "--device", "cpu", "--workers", "0"]  # a later --width or --workers overrides these
 # As this process runs: runs compared to the last digit must sum in the same order, on as many threads.
@@ -142,11 +144,22 @@ def data(tmp_path_factory):
 # -----------------------------------------------------------------------------
 # running cls.py
 
+def record_of(results, *flags: str, world: int = 1, device: str = "cpu") -> RunRecord:
+    """The record of the run that these cls.py flags name under results, on a device of this type: where the
+    test finds the run's files, as cls.py does, never by a typed file name."""
+    return cls.run_record(cls.parse_args([*NARROW, *flags, "--results_dir", str(results)]), device, world)
+
+
 def run_cls_here(capsys, *args: str) -> tuple:
     """(exit status, stdout, stderr) of cls.py run in this process, through the same run_cli as its __main__,
     on a narrow net: much faster than a new interpreter."""
+    return run_here(capsys, lambda: cls.main(cls.parse_args([*NARROW, *args])), "cls.py")
+
+
+def run_here(capsys, main, prog) -> tuple:
+    """(exit status, stdout, stderr) of a script's main, run through run_cli as its __main__ runs it."""
     try:
-        run_cli(lambda: cls.main(cls.parse_args([*NARROW, *args])), "cls.py")
+        run_cli(main, prog)
         status = 0
     except SystemExit as e:
         status = e.code
@@ -165,19 +178,48 @@ def start_cls(*args: str) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
 
 
+def fake_run(results, flags: list, top1: list, top5: list = None, status: str = "finished", device: str = "cpu",
+             fingerprint: str = "f" * 16, commit: str = "0" * 40, params: int = 11_173_962, flops: int = 556_669_952,
+             train_images: int = 50_000) -> RunRecord:
+    """A run of these cls.py flags whose epochs end at top1 (top5), written through the run's own record as a
+    real run writes it, without training: what the report reads. status: finished, diverged (after the epochs
+    given) or incomplete."""
+    args = cls.parse_args([*flags, "--results_dir", str(results)])
+    context = Context(device, 1, train_images)
+    record = RunRecord.of(results, Recipe.resolve(args, context), args.seed, context, enabled=True)
+    head = {"name": record.name, "recipe": record.recipe.to_json(), "seed": args.seed, "flags": vars(args),
+            "device": device, "device_name": "NVIDIA H100 80GB HBM3" if device == "cuda" else "cpu",
+            "peak_lr": record.recipe.peak_lr(), "data_fingerprint": fingerprint, "train_images": train_images,
+            "params": params, "flops": flops, "git_commit": commit, "torch_version": torch.__version__,
+            "cuda_version": ""}
+    top5 = top5 or [min(100.0, t + 40) for t in top1]
+    with record:
+        record.start(head, None)
+        for epoch, (t1, t5) in enumerate(zip(top1, top5, strict=True), 1):
+            row = EpochRow(epoch, 1e-3, 1.0, 50.0, 0.5, t1, t5, 9.0 * epoch)
+            if status == "finished" and epoch == args.epochs:
+                record.finish(row, [], {}, {})
+            else:
+                record.end_epoch(row, [], {})
+        if status == "diverged":
+            record.diverge("the loss became nan")
+    return record
+
+
 # The run the reliability and layer-statistics tests compare against: 40 images at batch 4, 10 steps an epoch.
 RUN = ["--epochs", "4", "--batch_size", "4", "--seed", "3"]
 
 
 @pytest.fixture(scope="session")
 def uninterrupted(tmp_path_factory, data):
-    """RUN, uninterrupted: its results folder, and its stdout, which went to a buffer as it goes to a log file.
-    The runs compared with it in fresh processes check that a run does not depend on the process."""
+    """RUN, uninterrupted: its results folder, its record, and its stdout, which went to a buffer as it goes to
+    a log file. The runs compared with it in fresh processes check that a run does not depend on the process."""
     results = tmp_path_factory.mktemp("uninterrupted")
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
         cls.main(cls.parse_args([*NARROW, "--data_path", str(data), *RUN, "--results_dir", str(results)]))
-    return SimpleNamespace(results=results, stdout=stdout.getvalue())
+    return SimpleNamespace(results=results, record=record_of(results, "--data_path", str(data), *RUN),
+                           stdout=stdout.getvalue())
 
 
 @functools.lru_cache(maxsize=None)
@@ -197,8 +239,11 @@ def earlier(tmp_path, uninterrupted):
     return results, files_of(results)
 
 
-def files_of(folder):
-    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+def files_of(folder, locks: bool = True):
+    """{path under folder: bytes} of every file in it; without the lock files, which a killed process leaves
+    behind and which lock nothing, where locks is False."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and (locks or p.name != ".lock")}
 
 
 def assert_clean_failure(status, stderr, earlier, *words):

@@ -10,8 +10,9 @@ import os
 import shutil
 import socket
 import subprocess
-import time
 from pathlib import Path
+
+from waiting import wait_until
 
 DAEMONS = ("munged", "slurmctld", "slurmd")
 CLIENTS = ("sbatch", "squeue", "sinfo", "scontrol", "scancel", "srun")
@@ -86,21 +87,21 @@ class Cluster:
         return subprocess.run(command, capture_output=True, text=True, env={**os.environ, **self.env}, timeout=60)
 
     def wait_for(self, condition, what: str, timeout: float = 60) -> None:
-        deadline = time.time() + timeout
-        while not condition():
-            dead = [p.args[0] for p in self.procs if p.poll() is not None]
-            if dead or time.time() > deadline:
-                logs = "\n".join(p.read_text()[-1000:] for p in self.folder.glob("*.out"))
-                raise RuntimeError(f"{what} did not come up ({', '.join(dead) or 'timeout'}):\n{logs}")
-            time.sleep(0.1)
+        try:
+            wait_until(condition, lambda: all(p.poll() is None for p in self.procs), timeout, f"{what} coming up")
+        except (AssertionError, TimeoutError) as e:
+            logs = "\n".join(p.read_text()[-1000:] for p in self.folder.glob("*.out"))
+            raise RuntimeError(f"{e}:\n{logs}") from None
 
     def stop(self) -> None:
         """Cancel what is left of the tests' jobs, then end the daemons, newest first."""
         if self.procs and self.procs[-1].poll() is None:
             self.run("scancel", "--me")
-            deadline = time.time() + 30
-            while self.run("squeue", "--me", "--noheader").stdout.strip() and time.time() < deadline:
-                time.sleep(0.2)
+            try:
+                wait_until(lambda: not self.run("squeue", "--me", "--noheader").stdout.strip(), timeout=30,
+                           what="the cancelled jobs leaving the queue", poll=0.2)
+            except TimeoutError:
+                pass  # the daemons end below all the same
         for proc in reversed(self.procs):
             proc.terminate()
             try:

@@ -5,6 +5,7 @@ valid after all (an architecture figure in a new folder, a run of a backbone rep
 Most cases run in this process, through the scripts' own run_cli."""
 import contextlib
 import io
+import json
 import os
 import shlex
 import shutil
@@ -13,7 +14,6 @@ import subprocess
 import sys
 import threading
 
-import pandas as pd
 import pytest
 import torch
 from PIL import Image
@@ -22,34 +22,17 @@ import bench
 import cls
 import report
 import sweep
-from conftest import NARROW, RUN, assert_clean_failure, files_of, run_cls_here
+from conftest import NARROW, RUN, assert_clean_failure, fake_run, files_of, record_of, run_cls_here, run_here
 from model import MODELS, NORMS, build_model, min_width
-from test_sweep_report import summary_row
-from utils import runtime
 from utils.board import Board
 from utils.cli import run_cli
 from utils.progress import Progress, Totals
-from utils.runfiles import RunRecord
+from utils.record import RunRecord
 
 
 def flags_of(results, data):
     """The earlier run's cls.py flags."""
     return ["--data_path", str(data), *RUN, "--results_dir", str(results)]
-
-
-def name_of(*flags):
-    return cls.parse_args([*NARROW, *flags]).name
-
-
-def run_here(capsys, main, prog) -> tuple:
-    """(exit status, stdout, stderr) of a script's main, run through run_cli as its __main__ runs it."""
-    try:
-        run_cli(main, prog)
-        status = 0
-    except SystemExit as e:
-        status = e.code
-    out, err = capsys.readouterr()
-    return status, out, err
 
 
 def leftovers(folder):
@@ -80,12 +63,6 @@ def test_a_seed_numpy_cannot_take_is_a_flag_error(data, earlier, capsys, seed):
     status, _, err = run_cls_here(capsys, "--data_path", str(data), "--results_dir", str(earlier[0]), "--seed", seed)
     assert_clean_failure(status, err, earlier, "--seed", "from 0 to 4294967295", f"got {seed}")
     assert status == 2
-
-
-def test_the_largest_seed_seeds_every_generator():
-    args = cls.parse_args([*NARROW, "--seed", "4294967295"])
-    assert args.seed == 2**32 - 1
-    runtime.setup(args)  # random, numpy and torch all take it
 
 
 @pytest.mark.parametrize("backbone,norm,width,smallest", [("resnext50", "bn", "8", 16), ("resnext50", "sws", "15", 16),
@@ -165,20 +142,22 @@ def test_a_checkpoint_that_is_not_this_runs_is_refused_in_one_short_line(stopped
     results = tmp_path / "results"
     shutil.copytree(stopped[0], results)
     flags = [*stopped[1], "--results_dir", str(results)]
-    (checkpoint,) = results.glob("*_checkpoint.pth")
+    checkpoint = record_of(results, *stopped[1]).checkpoint
     saved = torch.load(checkpoint, weights_only=False)
     wn = build_model("resnet18", "wn", 10, width=8).state_dict()  # 62 weights bn's network does not have
-    if change == "another_runs_name":  # another norm's checkpoint, moved under this run's name
-        saved["args"].update(norm_type="wn", name=name_of(*stopped[1], "--norm_type", "wn"))
+    other = record_of(results, *stopped[1], "--norm_type", "wn")
+    if change == "another_runs_name":  # another norm's checkpoint, moved into this run's folder
+        saved["head"].update(recipe=other.recipe.to_json(), name=other.name)
         saved["state"]["model"] = wn
-    elif change == "another_norms_weights":  # this run's arguments, but another norm's network
+    elif change == "another_norms_weights":  # this run's head, but another norm's network
         saved["state"]["model"] = wn
     else:
-        saved["args"] = [saved["args"]]
+        saved["head"] = [saved["head"]]
     torch.save(saved, checkpoint)
+    record_of(results, *stopped[1]).args.unlink()  # the checkpoint alone says whose it is
     before = files_of(results)
     status, _, err = run_cls_here(capsys, *flags, "--resume")
-    words = {"another_runs_name": ["another run's checkpoint", name_of(*stopped[1], "--norm_type", "wn")],
+    words = {"another_runs_name": ["is another run's", other.name, "--norm_type is wn"],
              "another_norms_weights": ["does not fit this run", "model", "move it away"],
              "args_not_a_dict": ["is not a checkpoint of this tool"]}[change]
     assert_clean_failure(status, err, (results, before), str(checkpoint), *words)
@@ -187,23 +166,34 @@ def test_a_checkpoint_that_is_not_this_runs_is_refused_in_one_short_line(stopped
 
 @pytest.mark.parametrize("content", ["42", "[1, 2]", "null", '"text"'])
 @pytest.mark.parametrize("resume", [[], ["--resume"]])
-def test_an_args_json_that_is_not_an_object_is_named(data, earlier, capsys, content, resume):
-    (args,) = earlier[0].glob("*_args.json")
+def test_an_args_json_that_is_not_an_object_is_named(stopped, tmp_path, capsys, content, resume):
+    results = tmp_path / "results"
+    shutil.copytree(stopped[0], results)
+    args = record_of(results, *stopped[1]).args  # a stopped run's: no weights, so its args.json says where it stands
     args.write_text(content)
-    before = files_of(earlier[0])
-    status, _, err = run_cls_here(capsys, *flags_of(earlier[0], data), *resume)
-    assert_clean_failure(status, err, (earlier[0], before), str(args), "holds a JSON", "move it away or repair it")
+    before = files_of(results)
+    status, _, err = run_cls_here(capsys, *stopped[1], "--results_dir", str(results), *resume)
+    assert_clean_failure(status, err, (results, before), str(args), "holds a JSON", "move it away or repair it")
 
 
-@pytest.mark.parametrize("resume", [[], ["--resume"]])
-def test_a_summary_row_of_a_result_whose_files_are_gone_says_so(data, earlier, capsys, resume):
-    name = name_of(*flags_of(earlier[0], data))
-    for path in earlier[0].glob(f"{name}_*"):
-        path.unlink()
+def test_a_directory_where_the_runs_lock_belongs_is_one_line(data, earlier, capsys):
+    record = record_of(earlier[0], "--data_path", str(data), "--epochs", "1")  # a new run of its own
+    record.make_folder()
+    record.lock.mkdir()
     before = files_of(earlier[0])
-    status, out, err = run_cls_here(capsys, *flags_of(earlier[0], data), *resume)
-    assert_clean_failure(status, err, (earlier[0], before), name, "finished", "files are gone", "delete its row")
-    assert "nothing to do" not in out and "already has results" not in err
+    status, _, err = run_cls_here(capsys, "--data_path", str(data), "--epochs", "1", "--results_dir", str(earlier[0]))
+    assert_clean_failure(status, err, (earlier[0], before), str(record.lock), "lock", "move it away")
+
+
+def test_an_empty_results_dir_is_refused(data, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # where an empty folder name would write
+    for prog, main in (("cls.py", lambda: cls.main(cls.parse_args([*NARROW, "--data_path", str(data),
+                                                                   "--results_dir="]))),
+                       ("sweep.py", lambda: sweep.main([*NARROW, "--norm_type", "bn", "in", "--data_path", str(data),
+                                                        "--results_dir", ""]))):
+        status, out, err = run_here(capsys, main, prog)
+        assert status == 2 and "--results_dir" in err and "empty" in err and len(err.strip().splitlines()) == 1
+        assert not any(tmp_path.iterdir())
 
 
 # -----------------------------------------------------------------------------
@@ -306,14 +296,11 @@ def test_a_readme_that_cannot_take_the_table_stops_report_before_it_writes(earli
     assert sorted(p for p in earlier[0].rglob("*") if p.is_dir()) == folders  # no plots either
 
 
-def test_rebuilding_the_summary_where_it_cannot_be_written_is_one_line(earlier, capsys):
-    (earlier[0] / "summary.csv").unlink()
-    (earlier[0] / ".summary.csv.lock").unlink()
-    (earlier[0] / ".summary.csv.lock").mkdir()  # as root no folder is read-only: a folder in the lock's place is
+def test_a_summary_that_cannot_be_written_is_one_line(earlier, capsys):
+    (earlier[0] / "summary.csv").mkdir()  # as root no folder is read-only: a folder in the file's place is
     before = files_of(earlier[0])
-    status, _, err = run_here(capsys, lambda: report.main(["--results_dir", str(earlier[0]), "--rebuild_summary"]),
-                              "report.py")
-    assert_clean_failure(status, err, (earlier[0], before), "cannot write", ".summary.csv.lock")
+    status, _, err = run_here(capsys, lambda: report.main(["--results_dir", str(earlier[0])]), "report.py")
+    assert_clean_failure(status, err, (earlier[0], before), "cannot write", "summary.csv")
 
 
 def test_architecture_into_a_new_folder_works_and_a_bad_path_is_one_line(tmp_path, capsys):
@@ -331,12 +318,27 @@ def test_architecture_into_a_new_folder_works_and_a_bad_path_is_one_line(tmp_pat
     assert leftovers(tmp_path) == []
 
 
+def forked(results, **values) -> None:
+    """A finished run of a fork's recipe: a backbone or a norm this version lacks."""
+    record = fake_run(results / "fork", ["--epochs", "3", "--seed", str(len(values))], [80.0, 85.0, 91.2])
+    recipe = {**record.recipe.to_json(), **values}
+    head = {**json.loads(record.args.read_text()), "recipe": recipe}
+    folder = results / "_".join(map(str, values.values()))
+    shutil.move(record.dir.parent, folder)
+    (folder / "recipe.json").write_text(json.dumps(recipe))
+    (folder / record.dir.name / "args.json").write_text(json.dumps(head))
+    (folder / record.dir.name / "model.pth").unlink()
+
+
 def test_report_draws_runs_of_a_backbone_and_a_norm_it_does_not_know(tmp_path, capsys):
-    rows = [summary_row(norm_type="bn"), summary_row(norm_type="xn"), summary_row(backbone_type="resnet101"),
-            summary_row(backbone_type="resnet101", norm_type="xn", batch_size=64)]  # as a fork's runs
-    pd.DataFrame(rows).to_csv(tmp_path / "summary.csv", index=False)
-    status, _, err = run_here(capsys, lambda: report.main(["--results_dir", str(tmp_path)]), "report.py")
-    assert status == 0, err
+    fake_run(tmp_path, ["--epochs", "3"], [80.0, 85.0, 91.2])
+    for values in ({"norm_type": "xn"}, {"backbone_type": "resnet101"},
+                   {"backbone_type": "resnet101", "norm_type": "xn", "batch_size": 64}):  # as a fork's runs
+        forked(tmp_path, **values)
+    shutil.rmtree(tmp_path / "fork")
+    status, _, err = run_here(capsys, lambda: report.main(["--results_dir", str(tmp_path), "--min_epochs", "3"]),
+                              "report.py")
+    assert status == 0 and err == "", err
     table = (tmp_path / "results.md").read_text()
     assert "| resnet101 | xn | 64 |" in table and "| ResNet18 | xn | 32 |" in table
     assert "| xn (1) | BN (1) |" in (tmp_path / "comparisons.md").read_text()
@@ -364,8 +366,8 @@ def test_a_run_without_layer_stats_names_only_the_files_it_wrote(data, tmp_path,
                                           "--results_dir", str(tmp_path))
     assert status == 0 and err == "", err
     last = out.strip().splitlines()[-1]
-    assert "finished" in last and "_statistics.csv" in last and "layers.csv" not in last
-    assert not list(tmp_path.glob("*_layers.csv"))
+    assert "finished" in last and "/statistics.csv" in last and "layers.csv" not in last
+    assert not list(tmp_path.rglob("layers.csv"))
     notice = "notice: no CUDA device found, training on the CPU"
     assert out.count(notice) == (0 if torch.cuda.is_available() else 1)  # once, as training starts, on stdout
 

@@ -9,18 +9,16 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.summary.writer import event_file_writer
 
-import cls
-from conftest import NARROW, RUN, run_cls_here
-from utils.board import board_folder
-from utils.runfiles import RunRecord
+from conftest import RUN, record_of, run_cls_here
+from utils.record import RunRecord
 
 STEPS = 10  # RUN's steps per epoch: 40 images at batch 4
 
 
-def events(results, name, purge=True) -> EventAccumulator:
+def events(record, purge=True) -> EventAccumulator:
     """Every point of the run's events, read as TensorBoard reads them: with purge, the points a restart
     (SummaryWriter's purge_step) hides are left out; without, the files' points as they are."""
-    board = EventAccumulator(str(board_folder(results, name)), size_guidance={"scalars": 0, "histograms": 0},
+    board = EventAccumulator(str(record.dir), size_guidance={"scalars": 0, "histograms": 0},
                              purge_orphaned_data=purge)
     return board.Reload()
 
@@ -41,10 +39,10 @@ def test_the_events_hold_the_runs_statistics(tmp_path, data, capsys):
     flags = ["--data_path", str(data), "--epochs", "2", "--batch_size", "8", "--norm_type", "wn"]  # 5 steps an epoch
     status, out, err = run_cls_here(capsys, *flags, "--results_dir", str(tmp_path))
     assert status == 0, err
-    name = cls.parse_args([*NARROW, *flags]).name
+    record = record_of(tmp_path, *flags)
     assert f"tensorboard --logdir {tmp_path}" in out
-    board = events(tmp_path, name)
-    stats = pd.read_csv(tmp_path / f"{name}_statistics.csv")
+    board = events(record)
+    stats = pd.read_csv(record.statistics)
     for metric in ("top1", "top5", "loss"):  # float32 in the events
         assert curve(board, f"test/{metric}") == [(5, np.float32(stats[f"test_{metric}"][0])),
                                                   (10, np.float32(stats[f"test_{metric}"][1]))]
@@ -56,7 +54,7 @@ def test_the_events_hold_the_runs_statistics(tmp_path, data, capsys):
         assert np.mean([v for _, v in loss[part]]) == pytest.approx(stats.train_loss[epoch - 1], rel=1e-6)
         assert np.mean([v for _, v in top1[part]]) == pytest.approx(stats.train_top1[epoch - 1], rel=1e-6)
     assert lr[4][1] == np.float32(stats.lr[1])  # the lr after epoch 1's 5 steps: epoch 2's first
-    layers = pd.read_csv(tmp_path / f"{name}_layers.csv")
+    layers = pd.read_csv(record.layers_csv)
     for row in layers.itertuples():
         for stat in ("weight_norm", "v_norm", "g_mean", "g_min", "grad_norm", "rel_change", "act_mean", "act_std"):
             value = getattr(row, stat)
@@ -72,20 +70,21 @@ def test_the_events_hold_the_runs_statistics(tmp_path, data, capsys):
         assert histogram.min == pytest.approx(row.g_min, rel=1e-6)
         assert histogram.sum / histogram.num == pytest.approx(row.g_mean, rel=1e-5)
     (text,) = board.Tensors("recipe/text_summary")
-    assert f"| name | {name} |" in text.tensor_proto.string_val[0].decode()
+    table = text.tensor_proto.string_val[0].decode()
+    assert all(f"| {flag} | {value} |" in table for flag, value in {**record.recipe, "seed": 0}.items())
 
 
 def test_no_tensorboard_writes_no_events(tmp_path, data, capsys):
     flags = ["--data_path", str(data), "--epochs", "1", "--batch_size", "40", "--no-tensorboard"]
     status, out, err = run_cls_here(capsys, *flags, "--results_dir", str(tmp_path))
     assert status == 0, err
-    assert list(tmp_path.glob("*_statistics.csv")) and not (tmp_path / "tensorboard").exists()
+    assert record_of(tmp_path, *flags).statistics.exists() and not list(tmp_path.rglob("events.out.tfevents.*"))
     assert "tensorboard --logdir" not in out
 
 
-def stop_then_resume(tmp_path, data, capsys, monkeypatch, end_epoch_then) -> str:
+def stop_then_resume(tmp_path, data, capsys, monkeypatch, end_epoch_then) -> RunRecord:
     """RUN in this process, with RunRecord.end_epoch replaced by end_epoch_then(the original, record, *args)
-    until the run exits; then RUN resumed to its end. Returns the run's name."""
+    until the run exits; then RUN resumed to its end. Returns the run's record."""
     flags = ["--data_path", str(data), *RUN, "--results_dir", str(tmp_path)]
     end_epoch = RunRecord.end_epoch
     with monkeypatch.context() as m:
@@ -94,7 +93,7 @@ def stop_then_resume(tmp_path, data, capsys, monkeypatch, end_epoch_then) -> str
     assert status == 128 + signal.SIGTERM, err
     status, _, err = run_cls_here(capsys, *flags, "--resume")
     assert status == 0, err
-    return cls.parse_args([*NARROW, *flags]).name
+    return record_of(tmp_path, *flags)
 
 
 def test_a_stopped_and_resumed_run_draws_each_step_once(tmp_path, data, capsys, monkeypatch, uninterrupted):
@@ -102,15 +101,15 @@ def test_a_stopped_and_resumed_run_draws_each_step_once(tmp_path, data, capsys, 
         end_epoch(record, *args)
         os.kill(os.getpid(), signal.SIGTERM)  # caught by the run, which stops at its next step
 
-    name = stop_then_resume(tmp_path, data, capsys, monkeypatch, then_terminate)
-    board = events(tmp_path, name, purge=False)  # the files themselves: nothing hidden
-    assert len(list(board_folder(tmp_path, name).iterdir())) == 2  # one file per process
+    record = stop_then_resume(tmp_path, data, capsys, monkeypatch, then_terminate)
+    board = events(record, purge=False)  # the files themselves: nothing hidden
+    assert len(list(record.dir.glob("events.out.tfevents.*"))) == 2  # one file per process
     steps = [step for step, _ in curve(board, "train/loss")]
     assert steps == sorted(set(steps)) == list(range(1, 4 * STEPS + 1))
     assert [step for step, _ in curve(board, "test/top1")] == [STEPS, 2 * STEPS, 3 * STEPS, 4 * STEPS]
     # the same points as the run that was never stopped, to the last digit: the sums since the last point
     # carried over the stop
-    reference = events(uninterrupted.results, name)
+    reference = events(record_of(uninterrupted.results, "--data_path", str(data), *RUN))
     for tag in ("train/loss", "train/top1", "train/lr", "test/top1"):
         assert curve(board, tag) == curve(reference, tag), tag
 
@@ -123,9 +122,10 @@ def test_points_written_after_the_last_checkpoint_are_hidden_on_resume(tmp_path,
             raise SystemExit(128 + signal.SIGTERM)
         end_epoch(record, row, *args)
 
-    name = stop_then_resume(tmp_path, data, capsys, monkeypatch, killed_in_epoch_2)
-    written = [step for step, _ in curve(events(tmp_path, name, purge=False), "train/loss")]
+    record = stop_then_resume(tmp_path, data, capsys, monkeypatch, killed_in_epoch_2)
+    written = [step for step, _ in curve(events(record, purge=False), "train/loss")]
     assert sorted(written) == sorted([*range(1, 4 * STEPS + 1), *range(STEPS + 1, 2 * STEPS + 1)])  # 11-20 twice
-    board, reference = events(tmp_path, name), events(uninterrupted.results, name)
+    board = events(record)
+    reference = events(record_of(uninterrupted.results, "--data_path", str(data), *RUN))
     for tag in ("train/loss", "train/top1", "train/lr", "test/top1"):
         assert curve(board, tag) == curve(reference, tag), tag

@@ -1,5 +1,4 @@
 """cls.py end to end on tiny generated datasets, what it tells a user, and its answers to bad input."""
-import dataclasses
 import json
 import pickle
 import re
@@ -15,19 +14,18 @@ import torch
 
 import cls
 import report
-from conftest import (NARROW, RUN, assert_clean_failure, files_of, run_cls, run_cls_here, start_cls,
-                      write_cifar, write_imagefolder)
-from model import NORMS, build_model, count_params_flops
+from conftest import (NARROW, RUN, assert_clean_failure, files_of, record_of, run_cls, run_cls_here, run_here,
+                      start_cls, write_cifar, write_imagefolder)
+from model import build_model, count_params_flops
+from recipe import IDENTITY
 from utils import runtime
-from utils.cli import run_cli
 from utils.data import build_loaders
-from utils.runfiles import EPOCH_COLUMNS, RESULT_COLUMNS
+from utils.record import EPOCH_COLUMNS
+from utils.results import SUMMARY_COLUMNS, read_results
 
 
-def check_run(results, data_name, backbone, norm, epochs, num_classes, image_size):
-    (path,) = results.glob("*_statistics.csv")
-    name = path.name[:-len("_statistics.csv")]
-    stats = pd.read_csv(path)
+def check_run(record, data_name, backbone, norm, epochs, num_classes, image_size):
+    stats = pd.read_csv(record.statistics)
     assert list(stats.columns) == EPOCH_COLUMNS
     assert stats.epoch.tolist() == list(range(1, epochs + 1))
     assert (stats.lr > 0).all() and (stats.seconds > 0).all()
@@ -36,10 +34,10 @@ def check_run(results, data_name, backbone, norm, epochs, num_classes, image_siz
         assert stats[col].between(0, 100).all()
     assert (stats.test_top5 >= stats.test_top1).all()
 
-    summary = pd.read_csv(results / "summary.csv")
-    assert list(summary.columns) == ["name", *cls.DEFINING_FLAGS, *RESULT_COLUMNS] and len(summary) == 1
-    row = summary.iloc[0]
-    assert row["name"] == name
+    runs, skipped = read_results(record.dir.parent.parent)  # the run as the report reads it
+    assert list(runs.columns) == [*SUMMARY_COLUMNS, "recipe"] and len(runs) == 1 and skipped == []
+    row = runs.iloc[0]
+    assert row["name"] == record.name and row.recipe == record.recipe
     assert (row.data_name, row.backbone_type, row.norm_type) == (data_name, backbone, norm)
     assert (row.epochs, row.epochs_done, row.status, row.device) == (epochs, epochs, "finished", "cpu")
     assert (row.optimizer, row.lr, row.weight_decay, row.lr_schedule, row.seed, row.width) == \
@@ -49,37 +47,38 @@ def check_run(results, data_name, backbone, norm, epochs, num_classes, image_siz
     assert row.params_m == round(params / 1e6, 2) and row.flops == flops
     assert row.final_top1 == stats.test_top1.iloc[-1] and row.best_top1 == stats.test_top1.max()
 
-    args = json.loads((results / f"{name}_args.json").read_text())
-    assert (args["data_name"], args["norm_type"], args["epochs"], args["world_size"]) == (data_name, norm, epochs, 1)
-    weights = torch.load(results / f"{name}_model.pth")
-    assert weights["args"] == args
+    head = json.loads(record.args.read_text())
+    assert set(head["recipe"]) == set(IDENTITY) and head["recipe"]["world_size"] == 1
+    assert [head["flags"][f] for f in ("data_name", "norm_type", "epochs")] == [data_name, norm, epochs]
+    weights = torch.load(record.weights)
+    assert weights["head"] == head and weights["history"] == stats.to_dict("records")
     model.load_state_dict(weights["model"])
-    assert not (results / f"{name}_checkpoint.pth").exists()  # a finished run keeps only its weights
+    assert not record.checkpoint.exists()  # a finished run keeps only its weights
 
 
 @pytest.mark.parametrize("data_name,norm,num_classes", [("cifar10", "wn", 10), ("cifar100", "in", 100)])
 def test_cifar_end_to_end(tmp_path, capsys, data_name, norm, num_classes):
     data = write_cifar(tmp_path / "data", data_name, n_train=8, n_test=10)
-    status, _, err = run_cls_here(capsys, "--data_name", data_name, "--data_path", str(data), "--norm_type", norm,
-                                  "--epochs", "2", "--batch_size", "8", "--init_images", "8",
-                                  "--results_dir", str(tmp_path / "results"))
+    flags = ["--data_name", data_name, "--data_path", str(data), "--norm_type", norm, "--epochs", "2", "--batch_size",
+             "8", "--init_images", "8"]
+    status, _, err = run_cls_here(capsys, *flags, "--results_dir", str(tmp_path / "results"))
     assert status == 0, err
-    check_run(tmp_path / "results", data_name, "resnet18", norm, 2, num_classes, 32)
+    check_run(record_of(tmp_path / "results", *flags), data_name, "resnet18", norm, 2, num_classes, 32)
 
 
 def test_imagenet_end_to_end_with_a_head_per_class_folder(tmp_path, capsys):
     data = write_imagefolder(tmp_path / "imagenet", classes=3, per_class=2)
-    status, _, err = run_cls_here(capsys, "--data_name", "imagenet", "--data_path", str(data), "--epochs", "1",
-                                  "--batch_size", "3", "--results_dir", str(tmp_path / "results"))
+    flags = ["--data_name", "imagenet", "--data_path", str(data), "--epochs", "1", "--batch_size", "3"]
+    status, _, err = run_cls_here(capsys, *flags, "--results_dir", str(tmp_path / "results"))
     assert status == 0, err
-    check_run(tmp_path / "results", "imagenet", "resnet18", "bn", 1, 3, 224)
+    check_run(record_of(tmp_path / "results", *flags), "imagenet", "resnet18", "bn", 1, 3, 224)
 
 
 def test_synthetic_data_runs_end_to_end(tmp_path, capsys):
-    status, _, err = run_cls_here(capsys, "--data_name", "synthetic", "--subset", "16", "--epochs", "1",
-                                  "--batch_size", "8", "--results_dir", str(tmp_path / "results"))
+    flags = ["--data_name", "synthetic", "--subset", "16", "--epochs", "1", "--batch_size", "8"]
+    status, _, err = run_cls_here(capsys, *flags, "--results_dir", str(tmp_path / "results"))
     assert status == 0, err
-    check_run(tmp_path / "results", "synthetic", "resnet18", "bn", 1, 10, 32)
+    check_run(record_of(tmp_path / "results", *flags), "synthetic", "resnet18", "bn", 1, 10, 32)
 
 
 def loaders(*flags):
@@ -97,10 +96,10 @@ def test_subset_takes_a_fixed_random_n_of_each_split_for_cifar_and_imagenet(tmp_
 
 
 def test_data_path_may_name_the_cifar_folder_itself(tmp_path, data, capsys):
-    status, _, err = run_cls_here(capsys, "--data_path", str(data / "cifar-10-batches-py"), "--epochs", "1",
-                                  "--results_dir", str(tmp_path))
+    flags = ["--data_path", str(data / "cifar-10-batches-py"), "--epochs", "1"]
+    status, _, err = run_cls_here(capsys, *flags, "--results_dir", str(tmp_path))
     assert status == 0, err
-    assert json.loads(next(tmp_path.glob("*_args.json")).read_text())["data_path"] == str(data)  # as used
+    assert json.loads(record_of(tmp_path, *flags).args.read_text())["flags"]["data_path"] == str(data)  # as used
 
 
 def test_help_shows_every_default():
@@ -116,15 +115,17 @@ def test_a_run_in_a_log_prints_progress_within_an_epoch_and_a_last_line(uninterr
     line_re = r"epoch 1/4 +\d+% \(\d+/40 images\): [\d.]+ images/s, loss [\d.]+, top-1 [\d.]+%, epoch ETA [\d:]+"
     progress = [line for line in out[:epoch_end] if re.fullmatch(line_re, line)]
     assert len(progress) >= 5  # 10 steps an epoch: a line at every 10% or more
-    name = cls.parse_args([*NARROW, *RUN]).name
-    assert out[-1].startswith(f"{name} finished: results in") and str(uninterrupted.results) in out[-1]
+    record = record_of(uninterrupted.results, *RUN)
+    assert out[-1] == (f"{record.name} finished: results in {record.statistics}, {record.layers_csv}; weights in "
+                       f"{record.weights}")
 
 
 def test_keep_checkpoint_keeps_it(tmp_path, data, capsys):
-    status, _, err = run_cls_here(capsys, "--data_path", str(data), "--epochs", "1", "--keep_checkpoint",
-                                  "--results_dir", str(tmp_path))
+    flags = ["--data_path", str(data), "--epochs", "1", "--keep_checkpoint"]
+    status, _, err = run_cls_here(capsys, *flags, "--results_dir", str(tmp_path))
     assert status == 0, err
-    assert torch.load(next(tmp_path.glob("*_checkpoint.pth")), weights_only=False)["state"]["progress"]["epoch"] == 2
+    checkpoint = torch.load(record_of(tmp_path, *flags).checkpoint, weights_only=False)
+    assert checkpoint["state"]["progress"]["epoch"] == 2
 
 
 # -----------------------------------------------------------------------------
@@ -161,11 +162,10 @@ def test_bad_flags(data, earlier, capsys, flag, value, words):
 
 
 def test_an_init_batch_that_does_not_fit_in_memory_is_one_line(data, earlier, capsys, monkeypatch):
-    def out_of_memory(model, images, residual_scale):
-        images()
-        torch.empty(2**50)  # 4 PiB: what 50,000 images through a ResNet at once ask of a 24 GB machine, and more
+    def out_of_memory(model, x):  # as CUDA's allocator answers 50,000 images through a ResNet at once
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 PiB")
 
-    monkeypatch.setitem(NORMS, "wn", dataclasses.replace(NORMS["wn"], init=out_of_memory))
+    monkeypatch.setattr(cls, "data_dependent_init", out_of_memory)
     status, _, err = run_cls_here(capsys, "--data_path", str(data), "--norm_type", "wn", "--init_images", "40",
                                   "--results_dir", str(earlier[0]))
     assert_clean_failure(status, err, earlier, "--init_images", "40 init images do not fit in the memory of cpu")
@@ -206,15 +206,19 @@ def test_data_path_is_a_file(tmp_path, earlier, capsys):
 
 
 @pytest.mark.parametrize("content", [b"", b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe" * 50, b"a,b\n1,2\n", b'x"\n"y,\n'])
-def test_an_unreadable_summary_is_named_and_left_alone(data, earlier, capsys, content):
-    (earlier[0] / "summary.csv").write_bytes(content)
+def test_an_unreadable_recipe_json_is_named_and_its_runs_left_alone(data, earlier, capsys, content):
+    recipe_json = record_of(earlier[0], "--data_path", str(data), *RUN).dir.parent / "recipe.json"
+    recipe_json.write_bytes(content)
     before = files_of(earlier[0])
+    for resume in ([], ["--resume"]):  # its own recipe: refused, not trained again elsewhere
+        status, _, err = run_cls_here(capsys, "--data_path", str(data), *RUN, "--results_dir", str(earlier[0]), *resume)
+        assert_clean_failure(status, err, (earlier[0], before), str(recipe_json), "cannot read", "repair it")
     status, _, err = run_cls_here(capsys, "--data_path", str(data), "--norm_type", "in", "--epochs", "1",
-                                  "--results_dir", str(earlier[0]))
-    assert_clean_failure(status, err, (earlier[0], before), str(earlier[0] / "summary.csv"))
-    with pytest.raises(SystemExit):
-        run_cli(lambda: report.main(["--results_dir", str(earlier[0])]), "report.py")
-    assert_clean_failure(1, capsys.readouterr().err, (earlier[0], before), str(earlier[0] / "summary.csv"))
+                                  "--results_dir", str(earlier[0]))  # another recipe: trains beside it
+    assert status == 0, err
+    assert {k: v for k, v in files_of(earlier[0]).items() if k in before} == before
+    status, _, err = run_here(capsys, lambda: report.main(["--results_dir", str(earlier[0]), "--all"]), "report.py")
+    assert status == 0 and str(recipe_json) in err and len(err.strip().splitlines()) == 1, err
 
 
 @pytest.mark.parametrize("missing", ["train", "val"])
@@ -242,10 +246,10 @@ def test_an_unreadable_image_is_named(tmp_path, capsys, workers):
     results = tmp_path / "results"
     status, _, err = run_cls_here(capsys, "--data_name", "imagenet", "--data_path", str(data), "--batch_size", "5",
                                   "--epochs", "1", "--workers", workers, "--no-layer_stats", "--results_dir",
-                                  str(results))  # no probe batch: the image is first read in training
+                                  str(results))
     assert status == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert str(bad) in err and "cannot read image" in err
-    assert not (results / "summary.csv").exists() or "finished" not in (results / "summary.csv").read_text()
+    assert not results.exists()  # read before the run's folder is made: no file says it began
 
 
 def test_results_dir_that_cannot_be_written(tmp_path, data, earlier, capsys):

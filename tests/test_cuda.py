@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pandas as pd
@@ -16,10 +15,12 @@ import pytest
 import torch
 
 import cls
-from conftest import ROOT, run_cls_here, write_cifar
+from conftest import ROOT, record_of, run_cls_here, write_cifar
 from model import NORMS, WNConv2d, build_model, wn_layers
+from recipe import Recipe
 from utils import runtime
 from utils.data import build_loaders
+from waiting import wait_until
 
 pytestmark = pytest.mark.cuda
 
@@ -48,7 +49,9 @@ def test_bf16_autocast_channels_last_and_fused_adamw():
     args = cuda_args("--norm_type", "wn", "--batch_size", "16", "--init_images", "64")
     ctx = runtime.setup(args)
     assert ctx.device.type == "cuda" and ctx.memory_format == torch.channels_last
-    run = cls.build(args, ctx, build_loaders(args, ctx))
+    recipe = Recipe.resolve(args, cls.run_context(args, "cuda", 1))
+    assert recipe.bf16
+    run = cls.build(recipe, args, ctx, build_loaders(args, ctx))
     assert cls.compile_mode(args, ctx.device) == "reduce-overhead"
     assert run.optimizer.defaults["fused"] and isinstance(run.optimizer, torch.optim.AdamW)
     convs = [m for m in run.model.modules() if isinstance(m, WNConv2d)]
@@ -66,50 +69,50 @@ def test_bf16_autocast_channels_last_and_fused_adamw():
 @pytest.mark.parametrize("batch_size", [2, 64])
 def test_cuda_graphs_at_a_small_and_a_large_batch_with_the_last_partial_batch(tmp_path, capsys, batch_size):
     # 100 images: at batch 64 the last batch holds 36; at batch 2 every batch is full.
-    status, _, err = run_cls_here(capsys, *ON_CUDA, "--data_name", "synthetic", "--subset", "100", "--epochs", "2",
-                                  "--batch_size", str(batch_size), "--results_dir", str(tmp_path))
+    flags = [*ON_CUDA, "--data_name", "synthetic", "--subset", "100", "--epochs", "2", "--batch_size", str(batch_size)]
+    status, _, err = run_cls_here(capsys, *flags, "--results_dir", str(tmp_path))
     assert status == 0, err
-    args = json.loads(next(tmp_path.glob("*_args.json")).read_text())
-    assert args["compile"] == "reduce-overhead" and args["device"].startswith("cuda")
-    stats = pd.read_csv(next(tmp_path.glob("*_statistics.csv")))
+    record = record_of(tmp_path, *flags, device="cuda")
+    head = json.loads(record.args.read_text())
+    assert head["compile"] == "reduce-overhead" and head["device"].startswith("cuda") and head["recipe"]["bf16"]
+    stats = pd.read_csv(record.statistics)
     assert len(stats) == 2 and np.isfinite(stats[["train_loss", "test_loss"]].to_numpy()).all()
 
 
 @pytest.mark.parametrize("norm", list(NORMS))
 def test_every_norm_trains_two_epochs_without_nan_under_the_defaults(tmp_path, capsys, learnable, norm):
-    status, _, err = run_cls_here(capsys, *ON_CUDA, "--width", "64", "--data_path", str(learnable), "--norm_type",
-                                  norm, "--epochs", "2", "--results_dir", str(tmp_path))
+    flags = [*ON_CUDA, "--width", "64", "--data_path", str(learnable), "--norm_type", norm, "--epochs", "2"]
+    status, _, err = run_cls_here(capsys, *flags, "--results_dir", str(tmp_path))
     assert status == 0, err
-    stats = pd.read_csv(next(tmp_path.glob("*_statistics.csv")))
+    record = record_of(tmp_path, *flags, device="cuda")
+    stats = pd.read_csv(record.statistics)
     assert np.isfinite(stats[["train_loss", "test_loss", "test_top1"]].to_numpy()).all()
     assert stats.train_loss.iloc[-1] < stats.train_loss.iloc[0]
-    layers = pd.read_csv(next(tmp_path.glob("*_layers.csv")))
+    layers = pd.read_csv(record.layers_csv)
     weights = layers[layers.kind != "block"]
     assert np.isfinite(weights[["weight_norm", "grad_norm", "rel_change", "act_std"]].to_numpy()).all()
-    if NORMS[norm].init:  # WN's v keeps its norm: a collapse of ||v|| would show here
+    if NORMS[norm].data_init:  # WN's v keeps its norm: a collapse of ||v|| would show here
         first, last = (weights[weights.epoch == e].set_index("layer").v_norm for e in (1, 2))
         assert (last / first).min() > 0.5
 
 
 def test_checkpoint_and_resume_on_cuda(tmp_path, learnable):
     env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
-    args = [sys.executable, str(ROOT / "cls.py"), *ON_CUDA, "--width", "8", "--data_path", str(learnable),
-            "--batch_size", "4", "--epochs", "3", "--results_dir", str(tmp_path)]
+    flags = [*ON_CUDA, "--width", "8", "--data_path", str(learnable), "--batch_size", "4", "--epochs", "3"]
+    args = [sys.executable, str(ROOT / "cls.py"), *flags, "--results_dir", str(tmp_path)]
+    record = record_of(tmp_path, *flags, device="cuda")
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    deadline = time.time() + 300
-    while not (tmp_path / "summary.csv").exists():  # the first epoch's end
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-2000:]
-        time.sleep(0.1)
+    wait_until(lambda: record.statistics.exists(), proc, what="the first epoch's end")
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 128 + signal.SIGTERM and "--resume" in err.strip().splitlines()[-1], err[-2000:]
-    checkpoint = torch.load(next(tmp_path.glob("*_checkpoint.pth")), map_location="cpu", weights_only=False)
-    first = pd.read_csv(next(tmp_path.glob("*_statistics.csv")))
+    checkpoint = torch.load(record.checkpoint, map_location="cpu", weights_only=False)
+    first = pd.read_csv(record.statistics)
     assert checkpoint["state"]["progress"]["epoch"] == len(first) + 1 and checkpoint["state"]["rng"]["cuda"]
     resumed = subprocess.run([*args, "--resume"], capture_output=True, text=True, env=env, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    stats = pd.read_csv(next(tmp_path.glob("*_statistics.csv")))
+    stats = pd.read_csv(record.statistics)
     assert stats.epoch.tolist() == [1, 2, 3] and np.isfinite(stats.train_loss).all()
     pd.testing.assert_frame_equal(stats.iloc[:len(first)], first)  # what was finished stays as it was
     model = build_model("resnet18", "bn", 10, width=8)
-    model.load_state_dict(torch.load(next(tmp_path.glob("*_model.pth")), map_location="cpu")["model"])
+    model.load_state_dict(torch.load(record.weights, map_location="cpu")["model"])

@@ -11,8 +11,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import cls
-from conftest import counts, run_cls_here
-from model import MODELS, NORMS, BasicBlock, ResNet, ScaledStdConv2d, StdConv2d, build_model, weight_layers
+from conftest import counts, record_of, run_cls_here
+from model import (MODELS, NORMS, BasicBlock, ResNet, ScaledStdConv2d, StdConv2d, build_model, scale_residual_branches,
+                   weight_layers)
+from recipe import RECIPE_FLAGS, RENAMED, residual_scales
 
 GAMMA_RELU = math.sqrt(2 / (1 - 1 / math.pi))
 
@@ -96,7 +98,8 @@ def test_ws_gn_and_sws_have_exactly_bns_parameters_and_flops_counted(backbone):
 def sws_model(backbone, width, residual_scale="auto"):
     """An sws net after cls.py's init, with its default residual scale unless told."""
     model = build_model(backbone, "sws", 10, width=width)
-    NORMS["sws"].init(model, lambda: pytest.fail("sws's init needs no images"), residual_scale)
+    assert NORMS["sws"].scales_residuals and not NORMS["sws"].data_init  # its init needs no images
+    scale_residual_branches(model, residual_scales(backbone, residual_scale))
     return model
 
 
@@ -121,7 +124,7 @@ def test_sws_init_scales_the_gain_and_bias_of_each_branch_end_only():
         for layer in ws_layers(model):
             layer.module.bias.fill_(1.0)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    NORMS["sws"].init(model, lambda: pytest.fail("sws's init needs no images"), 0.3)
+    scale_residual_branches(model, 0.3)
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
     ends = [name for name, m in model.named_modules() if type(m).__name__ == "Bottleneck"]
     assert changed == {f"{end}.conv3.{leaf}" for end in ends for leaf in ("gain", "bias")}
@@ -219,9 +222,8 @@ def test_residual_scale_keeps_its_old_name_as_an_alias():
     assert cls.parse_args(["--residual_scale", "0.2"]).residual_scale == 0.2
     assert cls.parse_args(["--wn_residual_scale", "0.3"]).residual_scale == 0.3
     assert not hasattr(cls.parse_args([]), "wn_residual_scale")
-    assert set(cls.RENAMED_FLAGS.values()) <= set(cls.DEFINING_FLAGS)
-    assert not set(cls.RENAMED_FLAGS) & set(cls.DEFINING_FLAGS)
-    assert "agc" in cls.DEFINING_FLAGS and cls.parse_args([]).agc == 0
+    assert set(RENAMED.values()) <= set(RECIPE_FLAGS) and not set(RENAMED) & set(RECIPE_FLAGS)
+    assert "agc" in RECIPE_FLAGS and cls.parse_args([]).agc == 0
 
 
 # -----------------------------------------------------------------------------
@@ -231,17 +233,18 @@ def test_residual_scale_keeps_its_old_name_as_an_alias():
 @pytest.mark.parametrize("norm", ["ws_gn", "sws"])
 def test_two_epochs_stay_finite_and_the_layer_statistics_see_the_effective_weights(tmp_path, data, capsys, norm,
                                                                                      agc):
-    status, _, err = run_cls_here(capsys, "--data_path", str(data), "--norm_type", norm, "--agc", agc,
-                                  "--epochs", "2", "--batch_size", "8", "--results_dir", str(tmp_path))
+    flags = ["--data_path", str(data), "--norm_type", norm, "--agc", agc, "--epochs", "2", "--batch_size", "8"]
+    status, _, err = run_cls_here(capsys, *flags, "--results_dir", str(tmp_path))
     assert status == 0, err  # sws's init reads no images: the default --init_images 512 of 40 is no error
-    stats = pd.read_csv(next(tmp_path.glob("*_statistics.csv")))
+    record = record_of(tmp_path, *flags)
+    stats = pd.read_csv(record.statistics)
     assert len(stats) == 2 and np.isfinite(stats[["train_loss", "test_loss"]].to_numpy()).all()
-    assert pd.read_csv(tmp_path / "summary.csv").status.tolist() == ["finished"]
+    assert record.status() == "finished"
 
-    rows = pd.read_csv(next(tmp_path.glob("*_layers.csv")))
+    rows = pd.read_csv(record.layers_csv)
     last = rows[(rows.epoch == 2) & (rows.kind != "block")].set_index("layer")
     model = build_model("resnet18", norm, 10, width=8)
-    model.load_state_dict(torch.load(next(tmp_path.glob("*_model.pth")))["model"])
+    model.load_state_dict(torch.load(record.weights)["model"])
     for name, layer in weight_layers(model).items():
         assert math.isclose(last.weight_norm[name], layer.weight().norm().item(), rel_tol=1e-5)
         if name == "fc":

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from conftest import RUN, run_cls_here
+from conftest import RUN, record_of, run_cls_here
 from model import blocks, build_model, weight_layers
 from utils.layerstats import LAYER_COLUMNS
 
@@ -15,8 +15,7 @@ WN_COLUMNS = ["v_norm", "g_mean", "g_min"]
 
 
 def test_one_row_per_layer_and_epoch_with_finite_values(uninterrupted):
-    (path,) = uninterrupted.results.glob("*_layers.csv")
-    rows = pd.read_csv(path)
+    rows = pd.read_csv(uninterrupted.record.layers_csv)
     assert list(rows.columns) == LAYER_COLUMNS
     model = build_model("resnet18", "bn", 10, width=8)
     names = [*weight_layers(model), *blocks(model)]
@@ -33,13 +32,14 @@ def test_one_row_per_layer_and_epoch_with_finite_values(uninterrupted):
 
 
 def test_wn_columns_match_the_saved_weights(tmp_path, data, capsys):
-    status, _, err = run_cls_here(capsys, "--data_path", str(data), "--norm_type", "wn", "--epochs", "2",
-                                  "--batch_size", "8", "--init_images", "40", "--results_dir", str(tmp_path))
+    flags = ["--data_path", str(data), "--norm_type", "wn", "--epochs", "2", "--batch_size", "8", "--init_images", "40"]
+    status, _, err = run_cls_here(capsys, *flags, "--results_dir", str(tmp_path))
     assert status == 0, err
-    rows = pd.read_csv(next(tmp_path.glob("*_layers.csv")))
+    record = record_of(tmp_path, *flags)
+    rows = pd.read_csv(record.layers_csv)
     last = rows[(rows.epoch == 2) & (rows.kind != "block")].set_index("layer")
     model = build_model("resnet18", "wn", 10, width=8)
-    model.load_state_dict(torch.load(next(tmp_path.glob("*_model.pth")))["model"])
+    model.load_state_dict(torch.load(record.weights)["model"])
     layers = weight_layers(model)
     assert set(last.index) == set(layers)
     for name, layer in layers.items():
@@ -53,7 +53,7 @@ def test_statistics_do_not_change_training(tmp_path, data, uninterrupted, capsys
     status, _, err = run_cls_here(capsys, "--data_path", str(data), *RUN, "--no-layer_stats",
                                   "--results_dir", str(tmp_path))
     assert status == 0, err
-    assert not list(tmp_path.glob("*_layers.csv"))
-    without = pd.read_csv(next(tmp_path.glob("*_statistics.csv")))
-    with_stats = pd.read_csv(next(uninterrupted.results.glob("*_statistics.csv")))
+    record = record_of(tmp_path, "--data_path", str(data), *RUN)
+    assert not record.layers_csv.exists()
+    without, with_stats = pd.read_csv(record.statistics), pd.read_csv(uninterrupted.record.statistics)
     pd.testing.assert_frame_equal(without.drop(columns="seconds"), with_stats.drop(columns="seconds"), check_exact=True)

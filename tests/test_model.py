@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-import cls
+from recipe import make_parser
 from conftest import counts
 from model import (MODELS, NORMS, ScaledStdConv2d, StdConv2d, WNConv2d, WNLinear, build_model, count_params_flops,
                    group_norm, weight_layers)
@@ -202,11 +202,13 @@ def test_torch_compile_wn_resnet18_forward_backward():
 # the registries and the layers by role
 
 def test_every_norm_is_one_registry_entry_that_the_cli_offers():
-    parser = cls.make_parser()
+    parser = make_parser()
     choices = {a.dest: a.choices for a in parser._actions}
     assert choices["norm_type"] == list(NORMS) and choices["backbone_type"] == list(MODELS)
     assert all(norm.label for norm in NORMS.values()) and all(m.label for m in MODELS.values())
-    assert {k for k, norm in NORMS.items() if norm.init} == {"wn", "wn_mbn", "sws"}
+    assert {k for k, norm in NORMS.items() if norm.data_init} == {"wn", "wn_mbn"}
+    assert {k for k, norm in NORMS.items() if norm.scales_residuals} == {"wn", "wn_mbn", "sws"}
+    assert {k for k, norm in NORMS.items() if norm.sync} == {"bn", "wn_mbn"}  # the norms with batch statistics
 
 
 @pytest.mark.parametrize("norm", list(NORMS))

@@ -10,12 +10,17 @@ import torch
 import torch.nn as nn
 
 import cls
-from conftest import NARROW, run_cls_here
+from conftest import NARROW, record_of, run_cls_here
 from model import NORMS, WNConv2d, build_model
+from recipe import Context, Recipe
 
 
 def args_of(*flags):
     return cls.parse_args([*NARROW, *flags])
+
+
+def recipe_of(*flags):
+    return Recipe.resolve(args_of(*flags), Context("cpu", 1, 40))
 
 
 def decays(optimizer) -> dict:
@@ -30,8 +35,7 @@ def decays(optimizer) -> dict:
     ([], torch.optim.AdamW, 0.05), (["--optimizer", "adam", "--weight_decay", "5e-4"], torch.optim.Adam, 5e-4)])
 def test_weight_decay_goes_to_conv_and_linear_weights_only(norm, flags, kind, decay):
     model = build_model("resnet18", norm, 10, width=8)
-    args = args_of(*flags)
-    optimizer = cls.make_optimizer(model, args, args.lr, torch.device("cpu"))
+    optimizer = cls.make_optimizer(model, recipe_of(*flags), torch.device("cpu"))
     assert type(optimizer) is kind
     got = decays(optimizer)
     assert set(got) == {id(p) for p in model.parameters()}
@@ -70,7 +74,7 @@ def v_norm_after_1000_steps(make_optimizer) -> float:
 
 @pytest.mark.parametrize("flags", [[], ["--optimizer", "adam", "--weight_decay", "5e-4"]])
 def test_no_documented_recipe_collapses_a_wn_layers_v(flags):
-    ratio = v_norm_after_1000_steps(lambda model: cls.make_optimizer(model, args_of(*flags), 1e-3, torch.device("cpu")))
+    ratio = v_norm_after_1000_steps(lambda model: cls.make_optimizer(model, recipe_of(*flags), torch.device("cpu")))
     assert ratio >= 0.5
 
 
@@ -82,9 +86,9 @@ def test_the_old_recipe_collapses_v_so_the_test_above_would_have_caught_it():
 
 def lrs(schedule: str, epochs=10, steps=10, warmup=1.0) -> list:
     """The learning rate of every step of a run."""
-    args = args_of("--lr_schedule", schedule, "--epochs", str(epochs), "--warmup_epochs", str(warmup))
-    optimizer = torch.optim.AdamW([nn.Parameter(torch.zeros(1))], lr=args.lr)
-    scheduler = cls.make_scheduler(optimizer, args, steps)
+    recipe = recipe_of("--lr_schedule", schedule, "--epochs", str(epochs), "--warmup_epochs", str(warmup))
+    optimizer = torch.optim.AdamW([nn.Parameter(torch.zeros(1))], lr=recipe.peak_lr())
+    scheduler = cls.make_scheduler(optimizer, recipe, steps)
     out = []
     for _ in range(epochs * steps):
         out.append(optimizer.param_groups[0]["lr"])
@@ -110,15 +114,15 @@ def test_step_schedule_with_warmup():
 
 def test_one_epoch_trains_at_the_full_rate_and_the_warmup_is_recorded_as_used(tmp_path, data, capsys):
     # The step schedule's milestones used to be epochs, {0} for one epoch: the whole run at lr / 10.
-    status, _, err = run_cls_here(capsys, "--data_path", str(data), "--epochs", "1", "--lr_schedule", "step",
-                                  "--warmup_epochs", "0", "--results_dir", str(tmp_path / "a"))
+    flags = ["--data_path", str(data), "--epochs", "1", "--lr_schedule", "step", "--warmup_epochs", "0"]
+    status, _, err = run_cls_here(capsys, *flags, "--results_dir", str(tmp_path))
     assert status == 0, err
-    assert pd.read_csv(next((tmp_path / "a").glob("*_statistics.csv"))).lr.tolist() == [1e-3]
-    status, _, err = run_cls_here(capsys, "--data_path", str(data), "--epochs", "1",
-                                  "--results_dir", str(tmp_path / "b"))
+    assert pd.read_csv(record_of(tmp_path, *flags).statistics).lr.tolist() == [1e-3]
+    flags = ["--data_path", str(data), "--epochs", "1"]
+    status, _, err = run_cls_here(capsys, *flags, "--results_dir", str(tmp_path))
     assert status == 0, err
-    assert json.loads(next((tmp_path / "b").glob("*_args.json")).read_text())["warmup_epochs"] == 0.5
-    assert pd.read_csv(tmp_path / "b" / "summary.csv").warmup_epochs.tolist() == [0.5]
+    head = json.loads(record_of(tmp_path, *flags).args.read_text())
+    assert (head["flags"]["warmup_epochs"], head["recipe"]["warmup_epochs"]) == (1.0, 0.5)  # as given, as used
 
 
 @pytest.mark.parametrize("device,world,batch,mode", [

@@ -1,26 +1,25 @@
 """sweep.py --launcher slurm on a one-node SLURM cluster started for these tests (conftest.py's slurm fixture):
 whatever SLURM does to a job on the way, requeues, time limits, several processes, the runs end with the CSVs
 of a local sweep; and a sweep that cannot be submitted says so in one line and submits nothing."""
+import json
 import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pandas as pd
 import pytest
 
-import cls
 import sweep
-from conftest import ENV, NARROW, ROOT, run_cls_here
+from conftest import ENV, NARROW, ROOT, record_of, run_cls_here
 from utils.cli import run_cli
 from utils.slurm import Record
+from waiting import wait_until
 
 RECIPE = ["--batch_size", "4", "--epochs", "4"]  # on the 40 training images of conftest's `data`: 10 steps an epoch
 SLURM = ["--launcher", "slurm", "--cpus_per_gpu", "1", "--poll", "0.2"]
-BN, IN = (cls.parse_args([*NARROW, *RECIPE, "--norm_type", norm]).name for norm in ("bn", "in"))
 
 
 def start(env: dict, *args) -> subprocess.Popen:
@@ -33,9 +32,9 @@ def finish(proc: subprocess.Popen) -> SimpleNamespace:
     return SimpleNamespace(code=proc.returncode, out=out, err=err)
 
 
-def name(*args) -> str:
-    """The name of the run these flags make."""
-    return cls.parse_args([*NARROW, *map(str, args)]).name
+def run_of(results, *args, world=1):
+    """The record of the run these flags make."""
+    return record_of(results, *map(str, args), world=world)
 
 
 def sweep_here(capsys, *args) -> SimpleNamespace:
@@ -57,28 +56,20 @@ def on_slurm(slurm, monkeypatch):
     return slurm
 
 
-def wait_until(condition, slurm, sweep=None, timeout=300):
-    """Until condition(); meanwhile the sweep that submits the jobs runs, or squeue lists them."""
-    deadline = time.time() + timeout
-    while not condition():
-        alive = (sweep is not None and sweep.poll() is None) or slurm.run("squeue", "--noheader").stdout.strip()
-        assert alive and time.time() < deadline, sweep.communicate()[1] if sweep else "no job in the queue"
-        time.sleep(0.05)
+def queued(slurm, sweep=None):
+    """Whether there is still something to wait for: the sweep that submits the jobs, or a job in the queue."""
+    return lambda: (sweep is not None and sweep.poll() is None) or slurm.run("squeue", "--noheader").stdout.strip()
 
 
-def epochs_done(results: Path, norm: str) -> int:
-    if not (results / "summary.csv").exists():
-        return 0
-    summary = pd.read_csv(results / "summary.csv")
-    return summary[summary.norm_type == norm].epochs_done.max() if (summary.norm_type == norm).any() else 0
+def epochs_done(record) -> int:
+    return len(pd.read_csv(record.statistics)) if record.statistics.exists() else 0
 
 
-def assert_same_run(results: Path, reference: Path, name: str):
+def assert_same_run(record, reference):
     """Equal CSVs apart from the seconds each epoch took."""
-    a, b = (pd.read_csv(r / f"{name}_statistics.csv").drop(columns="seconds") for r in (results, reference))
+    a, b = (pd.read_csv(r.statistics).drop(columns="seconds") for r in (record, reference))
     pd.testing.assert_frame_equal(a, b, check_exact=True)
-    pd.testing.assert_frame_equal(pd.read_csv(results / f"{name}_layers.csv"),
-                                  pd.read_csv(reference / f"{name}_layers.csv"), check_exact=True)
+    pd.testing.assert_frame_equal(pd.read_csv(record.layers_csv), pd.read_csv(reference.layers_csv), check_exact=True)
 
 
 @pytest.fixture(scope="module")
@@ -88,9 +79,11 @@ def array(slurm, data, tmp_path_factory):
     the same grid runs here as a local sweep (--jobs 1)."""
     results, local = tmp_path_factory.mktemp("slurm"), tmp_path_factory.mktemp("local")
     args = ["--data_path", data, "--norm_type", "bn", "in", *RECIPE]
+    runs = {where: {norm: run_of(where, "--data_path", data, "--norm_type", norm, *RECIPE) for norm in ("bn", "in")}
+            for where in (results, local)}
     first = start(slurm.env, *SLURM, *args, "--results_dir", results)
-    wait_until(lambda: epochs_done(results, "bn") >= 1, slurm, first)
-    job = Record(results).newest()[BN]
+    wait_until(lambda: epochs_done(runs[results]["bn"]) >= 1, queued(slurm, first), what="bn's first epoch")
+    job = Record(results).newest()[runs[results]["bn"].name]
     assert slurm.run("scontrol", "requeue", job.job_id).returncode == 0
     status = start(slurm.env, *SLURM, *args, "--results_dir", results, "--status")
     first.send_signal(signal.SIGINT)
@@ -98,16 +91,16 @@ def array(slurm, data, tmp_path_factory):
     queue_after_ctrl_c = slurm.run("squeue", "--noheader", "--array", "--format=%i").stdout.split()
     again = start(slurm.env, *SLURM, *args, "--results_dir", results)
     sweep.main([*NARROW, *map(str, args), "--results_dir", str(local)])
-    return SimpleNamespace(results=results, local=local, bn=job, status=finish(status), stopped=stopped,
+    return SimpleNamespace(results=results, local=local, runs=runs, bn=job, status=finish(status), stopped=stopped,
                            queue_after_ctrl_c=queue_after_ctrl_c, again=finish(again))
 
 
 @pytest.mark.slurm
 def test_a_sweep_through_slurm_ends_with_the_csvs_of_a_local_sweep(array):
     assert array.again.code == 0 and ": failed" not in array.again.out, array.again.err
-    for name in (BN, IN):
-        assert_same_run(array.results, array.local, name)
-    assert (pd.read_csv(array.results / "summary.csv").status == "finished").all()
+    for norm in ("bn", "in"):
+        assert_same_run(array.runs[array.results][norm], array.runs[array.local][norm])
+        assert array.runs[array.results][norm].status() == "finished"
 
 
 @pytest.mark.slurm
@@ -115,7 +108,7 @@ def test_scontrol_requeue_mid_run_continues_from_the_checkpoint(array):
     log = array.bn.log.read_text()
     assert "stopped by SIGTERM in epoch" in log and "resuming at epoch" in log, log[-3000:]
     assert log.count("finished: results in") == 1
-    assert_same_run(array.results, array.local, BN)
+    assert_same_run(array.runs[array.results]["bn"], array.runs[array.local]["bn"])
 
 
 @pytest.mark.slurm
@@ -125,14 +118,16 @@ def test_ctrl_c_stops_the_waiting_and_leaves_the_jobs_running(array):
     last = stopped.err.strip().splitlines()[-1]
     assert "stopped waiting" in last and f"scancel {array.bn.job_id}" in last
     assert array.bn.job_id in array.queue_after_ctrl_c
-    assert f"{BN} is already in the queue as job {array.bn.job_id}; not submitted again" in array.again.out
+    bn = array.runs[array.results]["bn"].name
+    assert f"{bn} is already in the queue as job {array.bn.job_id}; not submitted again" in array.again.out
 
 
 @pytest.mark.slurm
 def test_status_reads_each_configuration_from_its_files_and_the_queue(array):
     assert array.status.code == 0, array.status.err
     state = "(pending|requeued|completing|configuring|running)"  # as the queue has it while bn comes back
-    assert re.search(rf"^{BN}: {state} as job {array.bn.job_id}, incomplete so far$", array.status.out, re.M), \
+    bn = re.escape(array.runs[array.results]["bn"].name)
+    assert re.search(rf"^{bn}: {state} as job {array.bn.job_id}, incomplete so far$", array.status.out, re.M), \
         array.status.out
 
 
@@ -145,16 +140,17 @@ def test_a_run_warned_before_its_time_limit_checkpoints_requeues_and_finishes_th
             "--signal_delay", "20"]
     submitted = sweep_here(capsys, *SLURM, *args, "--no-wait")
     assert submitted.code == 0, submitted.err
-    wait_until(lambda: epochs_done(tmp_path, "bn") >= 1, on_slurm)
-    job = Record(tmp_path).newest()[BN]
+    run = run_of(tmp_path, "--data_path", data, "--norm_type", "bn", *RECIPE)
+    wait_until(lambda: epochs_done(run) >= 1, queued(on_slurm), what="bn's first epoch")
+    job = Record(tmp_path).newest()[run.name]
     assert on_slurm.run("scancel", "--signal=USR2", job.job_id).returncode == 0
     done = sweep_here(capsys, *SLURM, *args)
-    assert done.code == 0 and f"{BN}: finished" in done.out, done.err
+    assert done.code == 0 and f"{run.name}: finished" in done.out, done.err
     log, script = job.log.read_text(), (job.log.parent / f"{job.job_id}_submission.sh").read_text()
     assert "#SBATCH --signal=USR2@20" in script and "#SBATCH --time=1" in script
     assert "stopped by SIGUSR2 in epoch" in log and f"Requeued job {job.job_id}" in log, log[-3000:]
     assert "resuming at epoch" in log
-    assert_same_run(tmp_path, array.local, BN)
+    assert_same_run(run, array.runs[array.local]["bn"])
 
 
 @pytest.mark.slurm
@@ -169,9 +165,10 @@ def test_two_processes_through_slurm_match_one_process_with_the_same_global_batc
     status, _, err = run_cls_here(capsys, *map(str, common), "--batch_size", "8", "--results_dir",
                                   str(tmp_path / "one"))
     assert status == 0, err
-    two_stats, one_stats = (pd.read_csv(tmp_path / d / f"{name(*common, '--batch_size', b)}_statistics.csv")
-                            for d, b in (("two", "4"), ("one", "8")))
-    assert pd.read_csv(tmp_path / "two" / "summary.csv").world_size.tolist() == [2]
+    two_run = run_of(tmp_path / "two", *common, "--batch_size", "4", world=2)
+    two_stats, one_stats = (pd.read_csv(r.statistics) for r in (two_run, run_of(tmp_path / "one", *common,
+                                                                                 "--batch_size", "8")))
+    assert json.loads(two_run.args.read_text())["recipe"]["world_size"] == 2
     for col in ("train_loss", "test_loss"):  # the gradients really are averaged over the two ranks
         assert two_stats[col].tolist() == pytest.approx(one_stats[col].tolist(), rel=1e-4)
     for col in ("test_top1", "test_top5"):
@@ -180,14 +177,17 @@ def test_two_processes_through_slurm_match_one_process_with_the_same_global_batc
 
 @pytest.mark.slurm
 def test_a_failed_job_is_named_with_its_log_and_error_and_listed_by_status(on_slurm, data, tmp_path, capsys):
-    # wn's data-dependent init asks for more images than the training set has: the run fails in its job.
-    recipe = ["--data_path", data, "--batch_size", "4", "--epochs", "2", "--init_images", "100"]
+    # wn's init, with every residual branch scaled by 1e308, leaves the output infinite: the run fails in its job,
+    # where it is first built. bn has no such init, and finishes.
+    recipe = ["--data_path", data, "--batch_size", "4", "--epochs", "2", "--residual_scale", "1e308"]
     swept = sweep_here(capsys, *SLURM, "--norm_type", "bn", "wn", *recipe, "--results_dir", tmp_path)
     status = sweep_here(capsys, *SLURM, "--norm_type", "bn", "wn", *recipe, "--results_dir", tmp_path, "--status")
-    bn, wn = (name("--norm_type", norm, *recipe) for norm in ("bn", "wn"))
-    error = "cls.py: error: argument --init_images: must be at most 40, the training images, got 100 (see --help)"
+    bn, wn = (run_of(tmp_path, "--norm_type", norm, *recipe).name for norm in ("bn", "wn"))
+    error = (re.escape("cls.py: error: argument --residual_scale: 1e+308 leaves the network's output ") + "(inf|nan)" +
+             re.escape(" after the init, before any step; use a smaller scale (auto: 1/(blocks in the stage)) (see "
+                       "--help)"))
     log = Record(tmp_path).newest()[wn].log
-    failed = rf"{wn}: failed \(job \d+_1\): {re.escape(error)}; log: {re.escape(str(log))}"
+    failed = rf"{re.escape(wn)}: failed \(job \d+_1\): {error}; log: {re.escape(str(log))}"
     assert swept.code == 1 and swept.err.strip().endswith("1 of 2 configurations failed")
     assert re.search(rf"^{failed}$", swept.out, re.M) and f"{bn}: finished" in swept.out, swept.out
     assert "1 finished, 0 diverged, 1 failed" in swept.out and log.exists()

@@ -1,5 +1,5 @@
 """Seeds and statistics: the peak lr scaled with the global batch, the report's final-epoch means and standard
-deviations over seeds, Welch's confidence intervals between norms, and older summary.csv files."""
+deviations over seeds, and Welch's confidence intervals between norms."""
 import json
 import math
 from types import SimpleNamespace
@@ -9,11 +9,10 @@ import pandas as pd
 import pytest
 import scipy.stats
 
-import cls
 import report
-from conftest import run_cls_here, write_cifar
+from conftest import fake_run, record_of, run_cls_here, write_cifar
+from recipe import DEFAULTS, Context, Recipe
 from utils import plots
-from utils.runfiles import EPOCH_COLUMNS
 
 # -----------------------------------------------------------------------------
 # --lr_scaling
@@ -23,21 +22,21 @@ from utils.runfiles import EPOCH_COLUMNS
     ("none", 128, 1, 1.0), ("linear", 128, 1, 4.0), ("sqrt", 128, 1, 2.0), ("linear", 8, 1, 0.25),
     ("sqrt", 8, 1, 0.5), ("linear", 64, 2, 4.0), ("sqrt", 64, 8, 4.0), ("none", 64, 8, 1.0)])
 def test_peak_lr_is_lr_times_the_global_batch_over_the_base_to_the_power(scaling, batch, world, factor):
-    args = SimpleNamespace(lr=1e-3, batch_size=batch, lr_scaling=scaling, lr_base_batch=32)
-    assert cls.peak_lr(args, world) == pytest.approx(1e-3 * factor, rel=1e-12)
+    flags = dict(DEFAULTS, lr=1e-3, batch_size=batch, lr_scaling=scaling, lr_base_batch=32)
+    assert Recipe.resolve(flags, Context("cpu", world, 40)).peak_lr() == pytest.approx(1e-3 * factor, rel=1e-12)
 
 
 def test_sqrt_scaling_trains_batch_128_at_twice_the_lr_of_base_batch_32(tmp_path, capsys):
     data = write_cifar(tmp_path / "data", "cifar10", n_train=26)  # 130 training images: one batch of 128
-    status, _, err = run_cls_here(capsys, "--data_path", str(data), "--batch_size", "128", "--lr_scaling", "sqrt",
-                                  "--lr_base_batch", "32", "--warmup_epochs", "0", "--epochs", "1",
-                                  "--results_dir", str(tmp_path / "results"))
+    flags = ["--data_path", str(data), "--batch_size", "128", "--lr_scaling", "sqrt", "--lr_base_batch", "32",
+             "--warmup_epochs", "0", "--epochs", "1"]
+    status, _, err = run_cls_here(capsys, *flags, "--results_dir", str(tmp_path / "results"))
     assert status == 0, err
-    (path,) = (tmp_path / "results").glob("*_statistics.csv")
-    stats = pd.read_csv(path)
-    assert stats.lr.tolist() == [pytest.approx(2e-3, rel=1e-12)]  # epoch 1 starts at the peak without warmup
-    saved = json.loads(next((tmp_path / "results").glob("*_args.json")).read_text())
-    assert (saved["lr"], saved["lr_scaling"], saved["peak_lr"]) == (1e-3, "sqrt", pytest.approx(2e-3, rel=1e-12))
+    record = record_of(tmp_path / "results", *flags)
+    assert pd.read_csv(record.statistics).lr.tolist() == [pytest.approx(2e-3, rel=1e-12)]  # the peak, no warmup
+    saved = json.loads(record.args.read_text())
+    assert (saved["recipe"]["lr"], saved["recipe"]["lr_scaling"], saved["peak_lr"]) == \
+        (1e-3, "sqrt", pytest.approx(2e-3, rel=1e-12))
 
 
 # -----------------------------------------------------------------------------
@@ -81,24 +80,11 @@ RUNS = {("bn", 0): ([60.0, 92.5, 90.0], [95.0, 99.25, 99.0]), ("bn", 1): ([61.0,
 DIVERGED = ("wn", 2)
 
 
-def run_name(norm, seed):
-    return f"cifar10_resnet18_{norm}_32" + (f"_seed{seed}" if seed else "")
-
-
-def write_run(results, norm, seed, top1, top5) -> dict:
-    """A run's statistics.csv, and its summary row as the run's record writes it: a name, every defining flag,
-    and the results of its epochs."""
-    stats = pd.DataFrame({"epoch": range(1, len(top1) + 1), "lr": 1e-3, "train_loss": 1.0, "train_top1": 50.0,
-                          "test_loss": 0.5, "test_top1": top1, "test_top5": top5, "seconds": 9.0},
-                         columns=EPOCH_COLUMNS)
-    stats.to_csv(results / f"{run_name(norm, seed)}_statistics.csv", index=False)
-    args = vars(cls.make_parser().parse_args(["--norm_type", norm, "--seed", str(seed), "--epochs", "3"]))
-    best = stats.loc[stats.test_top1.idxmax()]
-    return {"name": run_name(norm, seed), **{f: args[f] for f in cls.DEFINING_FLAGS}, "epochs_done": len(stats),
-            "status": "diverged" if (norm, seed) == DIVERGED else "finished", "params_m": 11.17,
-            "flops": 556670000, "best_top1": best.test_top1, "best_top5": best.test_top5,
-            "final_top1": stats.test_top1.iloc[-1], "final_top5": stats.test_top5.iloc[-1], "world_size": 1,
-            "device": "cpu"}
+def write_runs(results) -> dict:
+    """RUNS as run folders, as cls.py writes them: {(norm, seed): record}."""
+    return {(norm, seed): fake_run(results, ["--norm_type", norm, "--seed", str(seed), "--epochs", "3"], top1, top5,
+                                   status="diverged" if (norm, seed) == DIVERGED else "finished")
+            for (norm, seed), (top1, top5) in RUNS.items()}
 
 
 def table_rows(text):
@@ -109,8 +95,7 @@ def table_rows(text):
 @pytest.fixture
 def seeded(tmp_path, monkeypatch):
     """The report of RUNS, with the figures it drew: {file name: figure's axes}, read as they are saved."""
-    rows = [write_run(tmp_path, norm, seed, *values) for (norm, seed), values in RUNS.items()]
-    pd.DataFrame(rows).to_csv(tmp_path / "summary.csv", index=False)
+    records = write_runs(tmp_path)
     figures, save = {}, plots._save
 
     def keep(fig, path, **kwargs):
@@ -118,13 +103,14 @@ def seeded(tmp_path, monkeypatch):
         save(fig, path, **kwargs)
     monkeypatch.setattr(plots, "_save", keep)
     report.main(["--results_dir", str(tmp_path), "--min_epochs", "3"])
-    return SimpleNamespace(results=tmp_path, figures=figures, text=(tmp_path / "results.md").read_text(),
+    return SimpleNamespace(results=tmp_path, records=records, figures=figures,
+                           text=(tmp_path / "results.md").read_text(),
                            comparisons=(tmp_path / "comparisons.md").read_text())
 
 
-def statistics(results, norm, column):
+def statistics(records, norm, column):
     """column of every finished seed of norm, read from the statistics CSVs: [[epoch 1, epoch 2, ...], ...]."""
-    return [pd.read_csv(results / f"{run_name(n, s)}_statistics.csv")[column].tolist() for n, s in RUNS
+    return [pd.read_csv(record.statistics)[column].tolist() for (n, s), record in records.items()
             if n == norm and (n, s) != DIVERGED]
 
 
@@ -134,9 +120,9 @@ def test_report_shows_the_mean_std_and_n_of_the_final_epoch_over_seeds(seeded):
     for label, norm in (("BN", "bn"), ("WN", "wn")):
         cells = rows[label]
         for cell, column in ((cells[6], "test_top1"), (cells[7], "test_top5")):
-            final = [epochs[-1] for epochs in statistics(seeded.results, norm, column)]
+            final = [epochs[-1] for epochs in statistics(seeded.records, norm, column)]
             assert cell == f"{np.mean(final):.2f} ± {np.std(final, ddof=1):.2f}"
-        top1 = statistics(seeded.results, norm, "test_top1")
+        top1 = statistics(seeded.records, norm, "test_top1")
         best, final = np.mean([max(epochs) for epochs in top1]), np.mean([epochs[-1] for epochs in top1])
         assert cells[11] == f"{best:.2f}" and best > final  # the best epoch in its own column, not the headline
     assert rows["BN"][6] == "90.50 ± 0.71" and rows["BN"][8] == "2"  # the same, worked out by hand
@@ -166,43 +152,17 @@ def test_plots_show_the_spread_and_n_and_one_curve_figure_per_seed_group(seeded)
         values = [RUNS[(norm, s)][0][-1] for s in (0, 1)]
         assert segment[:, 1] == pytest.approx([np.mean(values) - np.std(values, ddof=1),
                                                np.mean(values) + np.std(values, ddof=1)])
+    folders = {norm: record.dir.parent.name for (norm, _), record in seeded.records.items()}
     assert sorted(p.name for p in (seeded.results / "curves").glob("*.png")) == \
-        ["cifar10_resnet18_bn_32.png", "cifar10_resnet18_wn_32.png"]
-    top1, _ = seeded.figures["cifar10_resnet18_wn_32.png"]
+        sorted({f"{folder}.png" for folder in folders.values()})
+    top1, _ = seeded.figures[f"{folders['wn']}.png"]
     assert len(top1.lines) == 4  # three seeds, thin, and their mean
     assert top1.lines[-1].get_ydata().tolist() == pytest.approx([np.mean([55, 56, 50]), 87.75, 85.5])
 
 
 def test_seeds_that_agree_on_both_sides_give_no_interval(tmp_path):
-    rows = [write_run(tmp_path, norm, seed, [10.0, 10.0, 10.0], [50.0, 50.0, 50.0]) for norm in ("bn", "in")
-            for seed in (0, 1)]  # chance on CIFAR-10, every seed: a zero-width interval would claim certainty
-    pd.DataFrame(rows).to_csv(tmp_path / "summary.csv", index=False)
+    for norm in ("bn", "in"):  # chance on CIFAR-10, every seed: a zero-width interval would claim certainty
+        for seed in (0, 1):
+            fake_run(tmp_path, ["--norm_type", norm, "--seed", str(seed), "--epochs", "3"], [10.0] * 3, [50.0] * 3)
     report.main(["--results_dir", str(tmp_path), "--min_epochs", "3"])
     assert "| IN (2) | BN (2) | +0.00 | no spread, no interval | - |" in (tmp_path / "comparisons.md").read_text()
-
-
-# -----------------------------------------------------------------------------
-# an older summary.csv: some recipe columns, no name
-
-OLD_SUMMARY = """\
-data_name,backbone_type,norm_type,batch_size,optimizer,lr,weight_decay,lr_schedule,warmup_epochs,epochs,seed,\
-subset,width,epochs_done,status,params_m,flops,best_top1,best_top5,final_top1,final_top5,world_size,device
-cifar10,resnet18,bn,32,adamw,0.001,0.05,cosine,1.0,8,0,5000,16,8,finished,0.7,35663232,56.12,95.08,55.64,95.06,1,cpu
-cifar10,resnet18,wn,32,adamw,0.001,0.05,cosine,1.0,8,0,5000,16,8,finished,0.7,35048832,45.22,92.92,45.22,92.92,1,cpu
-"""
-
-
-def test_an_older_summary_csv_still_reports(tmp_path):
-    (tmp_path / "summary.csv").write_text(OLD_SUMMARY)
-    pd.DataFrame({c: [1] for c in EPOCH_COLUMNS}).to_csv(tmp_path / "cifar10_resnet18_wn_32_statistics.csv",
-                                                          index=False)
-    report.main(["--results_dir", str(tmp_path)])
-    assert "Left out: 2 run(s) on a --subset" in (tmp_path / "results.md").read_text()
-    report.main(["--results_dir", str(tmp_path), "--all"])
-    rows = table_rows((tmp_path / "results.md").read_text())
-    assert [rows["BN"][c] for c in (6, 7, 8, 11, 12, 13)] == \
-        ["55.64", "95.06", "1", "56.12", "8 / 90", "**--width 16**, **--subset 5000**"]
-    assert rows["WN"][6] == "45.22"
-    comparisons = (tmp_path / "comparisons.md").read_text()
-    assert "| WN (1) | BN (1) | -10.42 | n = 1, no interval | - |" in comparisons
-    assert [p.name for p in (tmp_path / "curves").glob("*.png")] == ["cifar10_resnet18_wn_32.png"]  # the old name

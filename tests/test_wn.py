@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import counts, make_images, run_cls_here, write_cifar
+from conftest import counts, make_images, record_of, run_cls_here, write_cifar
 from model import (MODELS, MeanOnlyBatchNorm2d, WNConv2d, WNLinear, build_model, data_dependent_init,
                    scale_residual_branches, wn_layers)
 from utils.data import DATASETS, CifarLoader
@@ -126,10 +126,9 @@ def test_new_norms_params_and_flops(backbone):
 @pytest.mark.parametrize("norm,batch_size,epochs,n_train", [("bn", 16, 4, 80), ("wn", 1, 3, 40), ("wn", 64, 6, 80)])
 def test_training_lowers_the_loss_on_a_learnable_task(tmp_path, capsys, norm, batch_size, epochs, n_train):
     data = write_cifar(tmp_path / "data", "cifar10", n_train=n_train // 5, n_test=10, learnable=True)
-    status, _, err = run_cls_here(capsys, "--data_path", str(data), "--norm_type", norm, "--batch_size",
-                                  str(batch_size), "--epochs", str(epochs), "--init_images", "40",
-                                  "--results_dir", str(tmp_path / "results"))
+    flags = ["--data_path", str(data), "--norm_type", norm, "--batch_size", str(batch_size), "--epochs", str(epochs),
+             "--init_images", "40"]
+    status, _, err = run_cls_here(capsys, *flags, "--results_dir", str(tmp_path / "results"))
     assert status == 0, err
-    (path,) = (tmp_path / "results").glob("*_statistics.csv")
-    stats = pd.read_csv(path)
+    stats = pd.read_csv(record_of(tmp_path / "results", *flags).statistics)
     assert stats.train_loss.iloc[-1] < 0.7 * stats.train_loss.iloc[0]

@@ -1,7 +1,8 @@
 """A live view of a run in TensorBoard: `tensorboard --logdir results` (docs/tensorboard.md).
 
-The events of run NAME go to {results_dir}/tensorboard/NAME/, one file per process that trained it. The x axis
-of every curve is the global step: training steps done, (epoch - 1) x steps per epoch + step in the epoch."""
+A run's events go into its own folder, {results_dir}/{recipe}/seed{N}/, one file per process that trained it,
+so TensorBoard names the run {recipe}/seed{N}. The x axis of every curve is the global step: training steps
+done, (epoch - 1) x steps per epoch + step in the epoch."""
 import math
 import threading
 from contextlib import contextmanager
@@ -11,14 +12,9 @@ import torch
 
 from utils.cli import UserError
 from utils.progress import Progress, Totals
-from utils.runfiles import os_error
+from utils.files import os_error
 
-SUBFOLDER = "tensorboard"
 FLUSH_SECS = 30  # the longest a point waits in memory before TensorBoard can see it; every epoch end flushes too
-
-
-def board_folder(results_dir, name: str) -> Path:
-    return Path(results_dir) / SUBFOLDER / name
 
 
 class Board:
@@ -32,7 +28,7 @@ class Board:
     hides all earlier points.
 
     progress: where the run starts; layers: {name: model.WeightLayer}, whose own per-channel gains (WN's g,
-    scaled WS's gain) it draws as histograms; recipe: args.json's head, which a run that starts from its first
+    scaled WS's gain) it draws as histograms; recipe: {flag: value}, which a run that starts from its first
     step shows as a table."""
 
     def __init__(self, path: Path, enabled: bool, steps_per_epoch: int, progress: Progress, layers: dict,
@@ -103,7 +99,7 @@ class Board:
         self.last = totals
 
     def epoch(self, row, layer_rows: list) -> None:
-        """At the end of epoch row.epoch: its test metrics (a runfiles.EpochRow), the layer statistics as one
+        """At the end of epoch row.epoch: its test metrics (a record.EpochRow), the layer statistics as one
         scalar per statistic and layer (LAYER_COLUMNS; no point where a layer has no such value), and the
         distribution of each layer's own gain over its output channels."""
         if not self.enabled:

@@ -76,6 +76,15 @@ def checked(convert, ok, requirement: str):
     return parse
 
 
+def non_empty(what: str):
+    """An argparse type for a name that may not be empty: `--results_dir=` would write into the current folder."""
+    def parse(text: str) -> str:
+        if not text.strip():
+            raise argparse.ArgumentTypeError(f"must be {what}, got an empty value")
+        return text
+    return parse
+
+
 def at_least(n: int):
     return checked(int, lambda v: v >= n, f"an integer of at least {n}")
 

@@ -1,4 +1,5 @@
 """The datasets: CIFAR read into device-resident loaders, synthetic images, and ImageNet class folders."""
+import functools
 import hashlib
 import itertools
 import json
@@ -114,6 +115,19 @@ def build_loaders(args, ctx) -> Data:
     return Data(CifarLoader(*splits["train"], args.batch_size, train=True, seed=args.seed, **kwargs),
                 CifarLoader(*splits["test"], EVAL_BATCH_SIZE, train=False, **kwargs),
                 spec.num_classes, len(splits["train"][1]), fingerprint)
+
+
+@functools.lru_cache(maxsize=None)
+def train_size(data_name: str, data_path: Optional[str]) -> int:
+    """The training images of data_name's whole training split, before --subset, the one number of the data
+    that a recipe's defaults depend on (--init_images's): CIFAR's read (and downloaded where absent), ImageNet's
+    class folders listed."""
+    if data_name == "synthetic":
+        return len(synthetic_splits()["train"][1])
+    if data_name == "imagenet":
+        from torchvision import datasets  # see load_cifar
+        return len(imagenet_folders(Path(data_path), datasets)[0])
+    return len(load_cifar(data_path, data_name)["train"][1])
 
 
 def tensors_fingerprint(*tensors: torch.Tensor) -> str:
@@ -275,19 +289,11 @@ def imagenet_data(args, ctx) -> Data:
     DataLoader workers. The head gets one class per folder of train/, and val/ must have the same folders."""
     from torchvision import datasets, transforms  # see load_cifar
     root = Path(args.data_path)
-    for split in ("train", "val"):
-        if not (root / split).is_dir():
-            raise UserError(f"{root / split} is not a folder; --data_path must hold ImageNet's train/ and val/ "
-                            f"as ImageFolder class folders")
     normalize = transforms.Normalize(*DATASETS["imagenet"].mean_std)
     train_tf = transforms.Compose([transforms.RandomResizedCrop(224), transforms.RandomHorizontalFlip(),
                                    transforms.ToTensor(), normalize])
     eval_tf = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(), normalize])
-    try:
-        train_set = datasets.ImageFolder(str(root / "train"), train_tf, loader=read_image)
-        val_set = datasets.ImageFolder(str(root / "val"), eval_tf, loader=read_image)
-    except (FileNotFoundError, OSError) as e:  # ImageFolder raises these for a folder with no class images
-        raise UserError(f"cannot read ImageNet under {root}: {e}") from None
+    train_set, val_set = imagenet_folders(root, datasets, train_tf, eval_tf)
     if train_set.classes != val_set.classes:
         only = {s: sorted(set(a.classes) - set(b.classes)) for s, a, b in
                 (("train/", train_set, val_set), ("val/", val_set, train_set))}
@@ -307,6 +313,19 @@ def imagenet_data(args, ctx) -> Data:
     val_shard = Subset(val_set, range(ctx.rank, len(val_set), ctx.world))  # no padding: every image counted once
     return Data(EpochLoader(train_set, args.batch_size, sampler=sampler, **kwargs),
                 EpochLoader(val_shard, EVAL_BATCH_SIZE, **kwargs), num_classes, n_train, fingerprint)
+
+
+def imagenet_folders(root: Path, datasets, train_tf=None, eval_tf=None) -> tuple:
+    """(train, val) ImageFolders under root (datasets: torchvision.datasets), or one line saying what is wrong."""
+    for split in ("train", "val"):
+        if not (root / split).is_dir():
+            raise UserError(f"{root / split} is not a folder; --data_path must hold ImageNet's train/ and val/ "
+                            f"as ImageFolder class folders")
+    try:
+        return (datasets.ImageFolder(str(root / "train"), train_tf, loader=read_image),
+                datasets.ImageFolder(str(root / "val"), eval_tf, loader=read_image))
+    except (FileNotFoundError, OSError) as e:  # ImageFolder raises these for a folder with no class images
+        raise UserError(f"cannot read ImageNet under {root}: {e}") from None
 
 
 class ResumableSampler(DistributedSampler):

@@ -13,11 +13,11 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from utils.cli import UserError  # noqa: E402
-from utils.runfiles import replace  # noqa: E402
+from utils.files import replace  # noqa: E402
 
 
 def _save(fig, path: Path, dpi: int = 110, tight: bool = True, **savefig) -> None:
-    """The figure to path, its folder made if absent, through runfiles.replace (whole or not at all), in the
+    """The figure to path, its folder made if absent, through files.replace (whole or not at all), in the
     format of path's suffix (png without one)."""
     kind = path.suffix[1:].lower() or "png"
     try:

@@ -90,6 +90,17 @@ def process_place() -> tuple:
     return tuple(int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
 
 
+def launcher() -> list:
+    """The start of a command line that starts this process again as it was started: python, or under
+    torchrun, torchrun with its number of nodes and of processes on each."""
+    _, world, _ = process_place()
+    if world == 1:
+        return ["python"]
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    nodes = ["--nnodes", str(world // per_node)] if world > per_node else []
+    return ["torchrun", *nodes, "--nproc_per_node", str(per_node)]
+
+
 def setup(args) -> Context:
     """One process, or one of torchrun's: NCCL between GPUs, gloo between CPU processes."""
     rank, world, local_rank = process_place()
@@ -112,7 +123,11 @@ class Diverged(Exception):
 
 
 class Interrupted(Exception):
-    """Raised at the loop's first safe point after a StopSignal caught a signal."""
+    """Raised at the loop's first safe point after a StopSignal caught a signal, with where training stood."""
+
+    def __init__(self, progress):
+        super().__init__()
+        self.progress = progress
 
 
 class StopSignal:

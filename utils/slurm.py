@@ -250,18 +250,18 @@ def wait(jobs: list, configs: dict, poll: float) -> None:
 
 def outcome_of(config) -> str:
     """finished or diverged, as the run's files say; else failed: its job ended without a result."""
-    from utils.runfiles import DONE  # not at the top: see the module's docstring
-    status = config.files.status()
+    from utils.record import DONE  # not at the top: see the module's docstring
+    status = config.record.status()
     return status if status in DONE else "failed"
 
 
 def status(configs: list) -> None:
     """Each configuration's state, from its files and, where it was submitted, from the queue."""
-    from utils.runfiles import DONE  # not at the top: see the module's docstring
+    from utils.record import DONE  # not at the top: see the module's docstring
     jobs = Record(configs[0].args.results_dir).newest()
     queue = in_queue() if any(config.name in jobs for config in configs) else {}
     for config in configs:
-        files, job = config.files.status(), jobs.get(config.name)
+        files, job = config.record.status(), jobs.get(config.name)
         if job and job.job_id in queue:
             state = f"{queue[job.job_id].lower()} as job {job.job_id}" + (f", {files} so far" if files else "")
         elif files in DONE:
