@@ -33,7 +33,7 @@ from PIL import Image
 from torchvision import transforms
 
 import cls
-from recipe import Recipe, make_parser
+from recipe import Context, Recipe, make_parser
 from model import MODELS, NORMS, Norm, ResNet, build_model, conv2d, no_norm, weight_layers
 from utils import runtime
 from utils.board import Board
@@ -124,7 +124,7 @@ class Pipeline:
 def ours(args, ctx: runtime.Context, data) -> tuple:
     """(Pipeline, cls.Run): the training cls.py runs for args."""
     torch.manual_seed(args.seed)
-    recipe = Recipe.resolve(args, cls.run_context(args, ctx.device.type, ctx.world))
+    recipe = Recipe.resolve(args, Context.of(args, ctx.device.type, ctx.world))
     run = cls.build(recipe, args, ctx, data)
     name = (f"ours: device-resident data, {'bf16' if recipe.bf16 else 'fp32'}, "
             f"{'channels_last' if ctx.memory_format == torch.channels_last else 'contiguous'}, "

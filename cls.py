@@ -37,12 +37,12 @@ import torch.nn.functional as F
 
 from model import (NORMS, blocks, build_model, count_params_flops, data_dependent_init, largest_output, min_width,
                    scale_residual_branches, weight_layers)
-from recipe import Context, Recipe, make_parser
+from recipe import Recipe, make_parser
 from utils import runtime
 from utils.agc import AGC_OFF, AdaptiveGradClip
 from utils.board import Board
 from utils.cli import RunDiverged, UserError, flag_error, run_cli
-from utils.data import DATASETS, build_loaders, resolve_path, train_size
+from utils.data import DATASETS, build_loaders, resolve_path
 from utils.layerstats import LayerStats
 from utils.metrics import human, topk_correct
 from utils.progress import EpochProgress, Progress
@@ -67,19 +67,6 @@ def parse_args(argv=None, parser=None) -> argparse.Namespace:
                      f"standardizes each channel over a batch of training images, got 1")
     args.data_path = resolve_path(args.data_name, args.data_path)
     return args
-
-
-def run_context(args, device_type: str, world: int) -> Context:
-    """Where the recipe of args is resolved: its training images are counted only if a default needs them."""
-    return Context(device_type, world, lambda: args.subset or train_size(args.data_name, args.data_path))
-
-
-def run_record(args, device_type: str, world: int = 1, enabled: bool = False) -> RunRecord:
-    """The record of the run that args name, on a device of this type and `world` processes: what sweep.py
-    and the tests read. Enabled, it writes the run's files once entered."""
-    context = run_context(args, device_type, world)
-    return RunRecord.of(args.results_dir, Recipe.resolve(args, context), args.seed, context, enabled,
-                        args.keep_checkpoint)
 
 
 # -----------------------------------------------------------------------------
@@ -129,6 +116,9 @@ def train_one_epoch(run: "Run", loader, progress: Progress, ctx: runtime.Context
 
 @torch.no_grad()
 def evaluate(model, loader, ctx: runtime.Context) -> dict:
+    """The mean loss, top-1 and top-5 over the loader's images, all ranks together; None for no loader."""
+    if loader is None:
+        return dict.fromkeys(("loss", "top1", "top5"))
     model.eval()
     sums = torch.zeros(4, device=ctx.device)  # sum of losses, correct top-1, correct top-5, images
     for x, y in loader:
@@ -300,11 +290,11 @@ def run_epoch(run: Run, data, record: RunRecord, board: Board, progress: Progres
         progress.seconds += time.time() - start
     train = progress.totals(ctx)
     start = time.time()
-    test = evaluate(run.model, data.test, ctx)
+    test, val = evaluate(run.model, data.test, ctx), evaluate(run.model, data.val, ctx)
     if not math.isfinite(test["loss"]):  # NaN logits still give a top-1: a number that is no result
         raise runtime.Diverged(f"the test loss became {test['loss']} in epoch {epoch}")
     row = EpochRow(epoch, progress.lr, train.loss, train.top1, test["loss"], test["top1"], test["top5"],
-                   progress.seconds + time.time() - start)
+                   progress.seconds + time.time() - start, val["loss"], val["top1"], val["top5"])
     layer_rows, following = run.layer_stats.rows(epoch), Progress.start(epoch + 1, run.optimizer, ctx.device)
     if epoch < epochs:
         record.end_epoch(row, layer_rows, run.state(following, ctx))
@@ -312,7 +302,8 @@ def run_epoch(run: Run, data, record: RunRecord, board: Board, progress: Progres
         record.finish(row, layer_rows, run.model.state_dict(), run.state(following, ctx))
     board.epoch(row, layer_rows)
     ctx.log(f"epoch {epoch}/{epochs}: train loss {train.loss:.4f} top-1 {train.top1:.2f}% | test loss "
-            f"{test['loss']:.4f} top-1 {test['top1']:.2f}% top-5 {test['top5']:.2f}% | {row.seconds:.1f} s")
+            f"{test['loss']:.4f} top-1 {test['top1']:.2f}% top-5 {test['top5']:.2f}% | "
+            + (f"val top-1 {val['top1']:.2f}% | " if data.val else "") + f"{row.seconds:.1f} s")
     return following
 
 
@@ -367,7 +358,7 @@ def main(args: argparse.Namespace) -> None:
     under the run's lock, whether another process finished it meanwhile."""
     ctx = runtime.setup(args)
     with ctx.main_first():  # rank 0 downloads the data whose size a default may need
-        record = run_record(args, ctx.device.type, ctx.world, enabled=ctx.is_main)
+        record = RunRecord.of_args(args, ctx.device.type, ctx.world, enabled=ctx.is_main)
     if left_alone(record, args, ctx):
         return
     data = build_loaders(args, ctx)

@@ -29,7 +29,7 @@ from model import MODELS, NORMS
 from utils import runtime
 from utils.cli import (ArgumentParser, at_least, auto_or_natural_float, natural_float, natural_int, non_empty,
                        positive_float, positive_int, seed_int)
-from utils.data import DATASETS
+from utils.data import DATASETS, train_size
 
 # --lr_scaling: the power of (global batch / --lr_base_batch) that multiplies --lr. linear: Goyal et al. 2017
 # (SGD); sqrt: Malladi et al. 2022 (Adam-type), timm's default for them; none: one lr at every batch size.
@@ -76,6 +76,10 @@ def make_parser(description: str = None) -> ArgumentParser:
                         "weight, on every weight but the final linear's (docs/norms-family.md); 0: off")
     r.add_argument("--subset", default=0, type=natural_int,
                    help="train on a fixed random N training images and test on N test images (0: all)")
+    r.add_argument("--val_images", default=0, type=natural_int,
+                   help="hold out a fixed random N training images, the same for every seed and recipe and never "
+                        "trained on, and evaluate them every epoch: the validation split on which report.py "
+                        "picks the best epoch and --tune a value (0: none, the original's experiment)")
     r.add_argument("--bf16", default=True, action=argparse.BooleanOptionalAction, help="bf16 autocast on CUDA")
     r.add_argument("--sync_bn", action="store_true",
                    help="under torchrun, batch statistics over all ranks (bn's, and wn_mbn's mean)")
@@ -120,7 +124,7 @@ PER_NORM = ("init_images", "residual_scale", "sync_bn")
 RENAMED = {"wn_residual_scale": "residual_scale"}
 # Flags added since runs were first recorded, {flag: the value that gives the behaviour before it existed}: an
 # older recipe.json without the flag is the recipe with this value.
-ADDED = {}
+ADDED = {"val_images": 0}
 
 
 @dataclass(frozen=True)
@@ -131,6 +135,12 @@ class Context:
     device_type: str
     world: int
     train_images: Union[int, Callable[[], int]]
+
+    @classmethod
+    def of(cls, args: argparse.Namespace, device_type: str, world: int) -> "Context":
+        """Where cls.py's flags are resolved: their training images are counted only if a default needs them."""
+        return cls(device_type, world,
+                   lambda: args.subset or train_size(args.data_name, args.data_path) - args.val_images)
 
     def count_train_images(self) -> int:
         return self.train_images if isinstance(self.train_images, int) else self.train_images()

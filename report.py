@@ -4,6 +4,7 @@
     python report.py --readme README.md       # also replace the README's results section with the table
     python report.py --all                    # keep subset and short runs in the table too
     python report.py --architecture architecture.png   # only redraw the architecture figure
+    python report.py --tune lr                # also tuned.md: each norm at its best --lr, chosen on --val_images
     python report.py --migrate                # first move a results folder of older versions into recipe folders
 
 Reads every run's own files under --results_dir, {recipe}/seed{N}/, and counts a run only where they agree
@@ -15,6 +16,8 @@ finished ones (docs/statistics.md). Beside them it reads the original README's t
     results.md                   the table in the original's format, with the original's numbers beside ours
     comparisons.md               every norm against bn, and wn against every norm at its smallest and largest
                                  batch: the difference of mean final top-1 and its 95% confidence interval
+    tuned.md                     with --tune: each norm at the value with its best mean validation top-1, the
+                                 test top-1 there, every value tried, and the norm against bn, each tuned
     top1_vs_batch_size.png       final top-1 against batch size, mean ± std over seeds, one line per norm
     curves/{recipe}.png          test top-1 and train loss against epoch: every seed of a recipe, and their mean
     layers/{recipe}/seed{N}.png  gradient norm and ||Δw||/||w|| per layer and epoch, for every run with layers.csv
@@ -29,16 +32,14 @@ if __name__ == "__main__":
 
 import hashlib
 import sys
-import warnings
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
-import scipy.stats
 
 from model import MODELS, NORMS
-from recipe import PER_NORM
+from recipe import HEAD, PER_NORM, RECIPE_FLAGS
 from utils import migrate, plots, results as runs_of
+from utils.comparisons import comparisons, headline, shown_value, tuned
 from utils.cli import ArgumentParser, UserError, positive_int, run_cli
 from utils.data import DATASETS
 from utils.files import read_csv, write_text
@@ -50,19 +51,14 @@ from utils.record import EPOCH_COLUMNS
 LABELS = {"data": {k: d.label for k, d in DATASETS.items()}, "backbone": {k: m.label for k, m in MODELS.items()},
           "norm": {k: n.label for k, n in NORMS.items()}}
 ORIGINAL_EPOCHS = 90
+TUNABLE = [f for f in RECIPE_FLAGS if f not in (*HEAD, "seed", "val_images")]  # report.py --tune's choices
 README_MARKERS = ("<!-- report.py: begin -->", "<!-- report.py: end -->")
 OWN_COLUMNS = ("data_name", "backbone_type", "norm_type", "batch_size", "epochs")  # values the table shows
 SMOKE_FLAGS = ("subset", "width")  # in bold where they differ from the papers'
-CONFIDENCE = 0.95
 
 
 # -----------------------------------------------------------------------------
 # runs, each read from its own files, and the keys that group them
-
-def shown_value(value) -> str:
-    """Full precision: two recipes whose lr differs in the tenth digit are two rows, and say so."""
-    return repr(value) if isinstance(value, float) else str(value)
-
 
 def flags_text(run: pd.Series, bold: bool = False) -> str:
     """How the run's recipe differs from cls.py's defaults, besides the table's columns: '--lr 0.002, --width
@@ -111,7 +107,7 @@ def is_result(df: pd.DataFrame, min_epochs: int) -> pd.Series:
 # seeds: one row per group of runs that differ only in --seed
 
 SEED_COLUMNS = ["runs", "seeds", "n", "diverged", "unfinished", "top1", "top1_mean", "top1_std", "top5_mean",
-                "top5_std", "best_top1_mean", "devices", "commits"]
+                "top5_std", "best_top1_mean", "val_mean", "val_std", "devices", "commits"]
 
 
 def device_text(run: pd.Series) -> str:
@@ -121,8 +117,9 @@ def device_text(run: pd.Series) -> str:
 def aggregate(df: pd.DataFrame) -> pd.DataFrame:
     """One row per seed group: the configuration of its lowest seed (its recipe names the group), the names
     and seeds of its runs, and over its finished runs only, n, the final epoch's top-1 (`top1`, a tuple),
-    the mean and sample standard deviation (NaN for n = 1) of the final top-1 and top-5, the mean best-epoch
-    top-1, and the commits they were made with. diverged and unfinished count the runs the means leave out."""
+    the mean and sample standard deviation (NaN for n = 1) of the final top-1 and top-5 and of the final
+    validation top-1 (NaN without a split), the mean best-epoch top-1, and the commits they were made with.
+    diverged and unfinished count the runs the means leave out."""
     rows = []
     for _, runs in df.groupby("group", sort=False):
         runs = runs.sort_values("seed")
@@ -133,7 +130,8 @@ def aggregate(df: pd.DataFrame) -> pd.DataFrame:
                      "epochs_done": runs.epochs_done.max(), "top1": tuple(done.final_top1),
                      "top1_mean": done.final_top1.mean(), "top1_std": done.final_top1.std(),
                      "top5_mean": done.final_top5.mean(), "top5_std": done.final_top5.std(),
-                     "best_top1_mean": done.best_top1.mean(),
+                     "best_top1_mean": done.best_top1.mean(), "val_mean": done.final_val_top1.mean(),
+                     "val_std": done.final_val_top1.std(),
                      "devices": ", ".join(dict.fromkeys(device_text(r) for _, r in done.iterrows())),
                      "commits": ", ".join(dict.fromkeys(str(c)[:7] + ("-dirty" if str(c).endswith("-dirty") else "")
                                                         for c in done.git_commit if c))})
@@ -147,16 +145,6 @@ def in_order(groups: pd.DataFrame) -> pd.DataFrame:
 # -----------------------------------------------------------------------------
 # results.md
 
-def headline(g: pd.Series, metric: str) -> str:
-    """Mean ± sample std over the finished seeds; without one, why not."""
-    if g.n == 0:
-        if g.diverged:
-            return "diverged"
-        return "-" if pd.isna(g.epochs_done) else f"- ({g.epochs_done:g}/{g.epochs:g} epochs)"
-    spread = f" ± {g[f'{metric}_std']:.2f}" if g.n > 1 else ""
-    return f"{g[f'{metric}_mean']:.2f}{spread}"
-
-
 def seeds_cell(g: pd.Series) -> str:
     out = [f"{k} {what}" for k, what in ((g.diverged, "diverged"), (g.unfinished, "unfinished")) if k]
     return f"{g.n}" + (f" ({', '.join(out)} left out)" if out else "")
@@ -164,20 +152,21 @@ def seeds_cell(g: pd.Series) -> str:
 
 def table(groups: pd.DataFrame, left_out: int, min_epochs: int) -> str:
     header = ["Data", "Backbone", "Norm Type", "Batch Size", "Params (M)", "FLOPs", "Top1 Acc (%)", "Top5 Acc (%)",
-              "Seeds", "Original Top1 (%)", "Original Top5 (%)", "Best-epoch Top1 (%), picked on the test set",
+              "Seeds", "Original Top1 (%)", "Original Top5 (%)", "Best-epoch Top1 (%), picked on",
               "Epochs (ours / original)", "Flags", "Device", "Commit"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for _, g in in_order(groups).iterrows():
         cells = [g.Data, g.Backbone, g["Norm Type"], g["Batch Size"], f"{g.params_m:.2f}", human(g.flops),
                  headline(g, "top1"), headline(g, "top5"), seeds_cell(g),
-                 *("-" if pd.isna(g[c]) else f"{g[c]:.2f}" for c in ("original_top1", "original_top5",
-                                                                       "best_top1_mean")),
+                 *("-" if pd.isna(g[c]) else f"{g[c]:.2f}" for c in ("original_top1", "original_top5")),
+                 "-" if pd.isna(g.best_top1_mean) else f"{g.best_top1_mean:.2f}, {g.best_on}",
                  f"{g.epochs:g} / {ORIGINAL_EPOCHS}", flags_text(g, bold=True), g.devices or "-", g.commits or "-"]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     notes = ("Top1/Top5 Acc: ours, the test accuracy after the final epoch, as mean ± sample standard deviation "
              "over the seeds of a row (runs that differ only in --seed; Seeds: how many, finished runs only). "
-             "Best-epoch Top1: the mean top-1 of each run's best epoch, an epoch picked on the test set itself, "
-             "so an optimistic number. Original: the original README's numbers for the same row (CIFAR-10, "
+             "Best-epoch Top1: the mean test top-1 of each run's best epoch, picked on the validation split "
+             "(val) where the row has one (--val_images), else on the test set itself (test), so then an "
+             "optimistic number. Original: the original README's numbers for the same row (CIFAR-10, "
              f"{ORIGINAL_EPOCHS} epochs, batch size as given, NVIDIA Tesla V100, one number each), for comparison; "
              "'-' where it has none. Flags: those that differ from cls.py's defaults (`python cls.py --help`). "
              "Commit: the code the seeds were trained with, every commit where they differ. "
@@ -206,75 +195,6 @@ def readme_around_section(readme: Path) -> tuple:
         raise UserError(f"{readme} needs one {begin} ... {end} section to replace; it is left as it is")
     head, rest = old.split(begin)
     return f"{head}{begin}\n", f"{end}{rest.split(end, 1)[1]}"
-
-
-# -----------------------------------------------------------------------------
-# comparisons.md
-
-def welch_interval(a, b, confidence: float = CONFIDENCE):
-    """(low, high): the confidence interval of mean(a) - mean(b) by Welch's t, which does not assume equal
-    variances (the Welch-Satterthwaite degrees of freedom). None with one value on either side: no variance."""
-    if min(len(a), len(b)) < 2:
-        return None
-    with warnings.catch_warnings():  # "precision loss" where a side's seeds agree: a variance of 0 is exact
-        warnings.simplefilter("ignore", RuntimeWarning)
-        interval = scipy.stats.ttest_ind(a, b, equal_var=False).confidence_interval(confidence)
-    return float(interval.low), float(interval.high)
-
-
-def comparison_row(g: pd.Series, against: pd.Series) -> list:
-    if min(g.n, against.n) < 2:
-        shown, mark = "n = 1, no interval", "-"
-    elif np.ptp(g.top1) == 0 and np.ptp(against.top1) == 0:  # a zero-width interval would claim certainty
-        shown, mark = "no spread, no interval", "-"
-    else:
-        low, high = welch_interval(g.top1, against.top1)
-        shown, mark = f"[{low:+.2f}, {high:+.2f}]", "yes" if low > 0 or high < 0 else "no"
-    return [g.Data, g.Backbone, g["Batch Size"], f"{g.epochs:g}", flags_text(g), f"{g['Norm Type']} ({g.n})",
-            f"{against['Norm Type']} ({against.n})", f"{g.top1_mean - against.top1_mean:+.2f}", shown, mark]
-
-
-def pairs_against_bn(groups: pd.DataFrame) -> list:
-    """(norm, bn) for every norm of every family that has bn."""
-    pairs = []
-    for _, family in groups.groupby("family", sort=False):
-        bn = family[family.norm_type == "bn"]
-        pairs += [(g, bn.iloc[0]) for _, g in family.iterrows() if len(bn) and g.norm_type != "bn"]
-    return pairs
-
-
-def pairs_of_wn(groups: pd.DataFrame) -> list:
-    """(wn, other) for every other norm, at the smallest and the largest batch size of every series with wn."""
-    pairs = []
-    for _, series in groups.groupby("series", sort=False):
-        wn = series[series.norm_type == "wn"]
-        for batch in sorted({wn.batch_size.min(), wn.batch_size.max()}) if len(wn) else []:
-            family = series[series.batch_size == batch]
-            pairs += [(wn[wn.batch_size == batch].iloc[0], g) for _, g in family.iterrows() if g.norm_type != "wn"]
-    return pairs
-
-
-def comparison_table(pairs: list) -> str:
-    header = ["Data", "Backbone", "Batch Size", "Epochs", "Flags", "Norm (n)", "Against (n)",
-              "Top-1 difference (points)", f"{CONFIDENCE:.0%} interval", "Excludes 0"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    pairs = sorted(pairs, key=lambda p: (p[0].data_name, p[0].backbone_type, p[0].flag_text, p[0].batch_size,
-                                         plots.rank(p[0].norm_type, NORMS), plots.rank(p[1].norm_type, NORMS)))
-    lines += ["| " + " | ".join(str(c) for c in comparison_row(g, against)) + " |" for g, against in pairs]
-    return "\n".join(lines) if pairs else "None: no pair of norms with finished runs of the same recipe."
-
-
-def comparisons(groups: pd.DataFrame) -> str:
-    done = groups[groups.n > 0]
-    return (f"# Comparisons between norms\n\nThe difference of mean final-epoch test top-1 (percentage points), the "
-            f"norm minus the one it is against, between seed groups of the same data, backbone, batch size, "
-            f"epochs and flags (Flags: those that differ from cls.py's defaults); n: finished seeds. Interval: "
-            f"the {CONFIDENCE:.0%} confidence interval of the difference by Welch's t over the seeds "
-            f"(scipy.stats.ttest_ind, equal_var=False); none with one seed on either side. Excludes 0: the "
-            f"gap is larger than the seed-to-seed spread explains, at this confidence. How to read it: "
-            f"docs/statistics.md.\n\n## Every norm against BN\n\n{comparison_table(pairs_against_bn(done))}\n\n"
-            f"## WN against every other norm, at its smallest and largest batch size\n\n"
-            f"{comparison_table(pairs_of_wn(done))}\n")
 
 
 # -----------------------------------------------------------------------------
@@ -324,6 +244,9 @@ def main(argv=None) -> None:
     p.add_argument("--min_epochs", default=10, type=positive_int, help="shorter runs stay out of the table")
     p.add_argument("--all", action="store_true", help="keep subset, narrow and short runs in the table")
     p.add_argument("--architecture", default=None, help="only draw the architecture figure to this path")
+    p.add_argument("--tune", nargs="+", choices=TUNABLE, metavar="FLAG",
+                   help="also write tuned.md: each norm at the value(s) of these recipe flags (lr, weight_decay, "
+                        "...) with the best mean validation top-1 over its seeds; needs runs with --val_images")
     p.add_argument("--migrate", action="store_true",
                    help="first move the flat results of versions before recipe folders into {recipe}/seed{N}/ "
                         "(utils/migrate.py)")
@@ -338,12 +261,18 @@ def main(argv=None) -> None:
             print(f"report.py: {line}", file=sys.stderr)
         print(f"moved {moved} runs into recipe folders under {results}" + (f"; {len(left)} left" if left else ""))
     df = load(results)
-    runs_of.write_summary(results, df)
     shown = df if args.all else df[is_result(df, args.min_epochs)]
+    if args.tune and not (shown.val_images > 0).any():
+        raise UserError("--tune chooses each value on the validation split, and no run in the table has one (their "
+                        "--val_images is 0); train with --val_images N, e.g. python sweep.py --lr 3e-4 1e-3 3e-3 "
+                        "--seed 0 1 2 --val_images 5000", exit_code=2)
+    runs_of.write_summary(results, df)
     groups = aggregate(shown)
     text = table(groups, len(df) - len(shown), args.min_epochs)
     write_text(text, results / "results.md")
     write_text(comparisons(groups), results / "comparisons.md")
+    if args.tune:
+        write_text(tuned(groups, args.tune), results / "tuned.md")
     plots.top1_vs_batch_size(groups, LABELS, results / "top1_vs_batch_size.png")
     per_run_plots(results, df)
     if around:

@@ -120,7 +120,7 @@ def parse(argv=None) -> tuple:
         args = cls.parse_args(argv)
         device, world = where_runs_go(args, opts)
         check_against_data(args, world)
-        config = Config(argv, args, cls.run_record(args, device, world), device, world)
+        config = Config(argv, args, RunRecord.of_args(args, device, world), device, world)
         key = (config.record.recipe, args.seed)
         configs.setdefault(key, config)
         points.setdefault(key, []).append(values)
@@ -187,7 +187,7 @@ class Children:
         self.env = {**os.environ, "OMP_NUM_THREADS": threads}
 
     def start(self, config: Config) -> None:
-        record = cls.run_record(config.args, config.device, config.world, enabled=True)
+        record = RunRecord.of_args(config.args, config.device, config.world, enabled=True)
         record.make_folder()
         log = record.log
         with open(log, "a") as out:

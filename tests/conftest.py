@@ -147,7 +147,7 @@ def data(tmp_path_factory):
 def record_of(results, *flags: str, world: int = 1, device: str = "cpu") -> RunRecord:
     """The record of the run that these cls.py flags name under results, on a device of this type: where the
     test finds the run's files, as cls.py does, never by a typed file name."""
-    return cls.run_record(cls.parse_args([*NARROW, *flags, "--results_dir", str(results)]), device, world)
+    return RunRecord.of_args(cls.parse_args([*NARROW, *flags, "--results_dir", str(results)]), device, world)
 
 
 def run_cls_here(capsys, *args: str) -> tuple:
@@ -180,10 +180,11 @@ def start_cls(*args: str) -> subprocess.Popen:
 
 def fake_run(results, flags: list, top1: list, top5: list = None, status: str = "finished", device: str = "cpu",
              fingerprint: str = "f" * 16, commit: str = "0" * 40, params: int = 11_173_962, flops: int = 556_669_952,
-             train_images: int = 50_000) -> RunRecord:
-    """A run of these cls.py flags whose epochs end at top1 (top5), written through the run's own record as a
-    real run writes it, without training: what the report reads. status: finished, diverged (after the epochs
-    given) or incomplete."""
+             train_images: int = 50_000, val_top1: list = None) -> RunRecord:
+    """A run of these cls.py flags whose epochs end at top1 (top5) on the test set, and at val_top1 on the
+    validation split of a run with --val_images, written through the run's own record as a real run writes it,
+    without training: what the report reads. status: finished, diverged (after the epochs given) or
+    incomplete."""
     args = cls.parse_args([*flags, "--results_dir", str(results)])
     context = Context(device, 1, train_images)
     record = RunRecord.of(results, Recipe.resolve(args, context), args.seed, context, enabled=True)
@@ -193,10 +194,12 @@ def fake_run(results, flags: list, top1: list, top5: list = None, status: str = 
             "params": params, "flops": flops, "git_commit": commit, "torch_version": torch.__version__,
             "cuda_version": ""}
     top5 = top5 or [min(100.0, t + 40) for t in top1]
+    val_top1 = val_top1 or [None] * len(top1)
     with record:
         record.start(head, None)
-        for epoch, (t1, t5) in enumerate(zip(top1, top5, strict=True), 1):
-            row = EpochRow(epoch, 1e-3, 1.0, 50.0, 0.5, t1, t5, 9.0 * epoch)
+        for epoch, (t1, t5, v1) in enumerate(zip(top1, top5, val_top1, strict=True), 1):
+            val = (None, None, None) if v1 is None else (0.6, v1, min(100.0, v1 + 40))
+            row = EpochRow(epoch, 1e-3, 1.0, 50.0, 0.5, t1, t5, 9.0 * epoch, *val)
             if status == "finished" and epoch == args.epochs:
                 record.finish(row, [], {}, {})
             else:

@@ -17,7 +17,7 @@ import torch
 import cls
 from conftest import ROOT, record_of, run_cls_here, write_cifar
 from model import NORMS, WNConv2d, build_model, wn_layers
-from recipe import Recipe
+from recipe import Context, Recipe
 from utils import runtime
 from utils.data import build_loaders
 from waiting import wait_until
@@ -49,7 +49,7 @@ def test_bf16_autocast_channels_last_and_fused_adamw():
     args = cuda_args("--norm_type", "wn", "--batch_size", "16", "--init_images", "64")
     ctx = runtime.setup(args)
     assert ctx.device.type == "cuda" and ctx.memory_format == torch.channels_last
-    recipe = Recipe.resolve(args, cls.run_context(args, "cuda", 1))
+    recipe = Recipe.resolve(args, Context.of(args, "cuda", 1))
     assert recipe.bf16
     run = cls.build(recipe, args, ctx, build_loaders(args, ctx))
     assert cls.compile_mode(args, ctx.device) == "reduce-overhead"

@@ -13,6 +13,7 @@ import report
 from conftest import fake_run, record_of, run_cls_here, write_cifar
 from recipe import DEFAULTS, Context, Recipe
 from utils import plots
+from utils.comparisons import welch_interval
 
 # -----------------------------------------------------------------------------
 # --lr_scaling
@@ -48,9 +49,9 @@ def test_welch_interval_equals_the_formula_with_equal_variances():
     # = 4, whose two-sided 95% quantile is t(0.975, 4) = 2.776445 (any t table).
     a, b = [90.0, 91.0, 92.0], [86.0, 87.0, 88.0]
     half = 2.776445 * math.sqrt(2 / 3)
-    assert report.welch_interval(a, b) == pytest.approx((4 - half, 4 + half), abs=1e-5)
+    assert welch_interval(a, b) == pytest.approx((4 - half, 4 + half), abs=1e-5)
     assert scipy.stats.t.ppf(0.975, 4) == pytest.approx(2.776445, abs=1e-6)
-    low, high = report.welch_interval([88.0, 89.0, 90.0], b)
+    low, high = welch_interval([88.0, 89.0, 90.0], b)
     assert low == pytest.approx(2 - half, abs=1e-5) and low < 0 < high
 
 
@@ -60,14 +61,14 @@ def test_welch_interval_uses_the_welch_satterthwaite_degrees_of_freedom():
     df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
     half = scipy.stats.t.ppf(0.975, df) * math.sqrt(va + vb)
     diff = np.mean(a) - np.mean(b)
-    assert report.welch_interval(a, b) == pytest.approx((diff - half, diff + half), rel=1e-9)
+    assert welch_interval(a, b) == pytest.approx((diff - half, diff + half), rel=1e-9)
     assert 2 < df < 4  # neither the pooled test's 4 nor the smaller side's 1
 
 
 def test_welch_interval_needs_two_seeds_on_each_side_and_takes_seeds_that_agree():
-    assert report.welch_interval([90.0], [88.0, 89.0]) is None and report.welch_interval([90.0, 91.0], [88.0]) is None
+    assert welch_interval([90.0], [88.0, 89.0]) is None and welch_interval([90.0, 91.0], [88.0]) is None
     # one side without spread: se = sqrt(0 + 0.5 / 2) = 0.5, df = 1, t(0.975, 1) = 12.706205
-    assert report.welch_interval([90.0, 90.0], [88.0, 89.0]) == pytest.approx((1.5 - 6.353102, 1.5 + 6.353102))
+    assert welch_interval([90.0, 90.0], [88.0, 89.0]) == pytest.approx((1.5 - 6.353102, 1.5 + 6.353102))
 
 
 # -----------------------------------------------------------------------------
@@ -124,7 +125,7 @@ def test_report_shows_the_mean_std_and_n_of_the_final_epoch_over_seeds(seeded):
             assert cell == f"{np.mean(final):.2f} ± {np.std(final, ddof=1):.2f}"
         top1 = statistics(seeded.records, norm, "test_top1")
         best, final = np.mean([max(epochs) for epochs in top1]), np.mean([epochs[-1] for epochs in top1])
-        assert cells[11] == f"{best:.2f}" and best > final  # the best epoch in its own column, not the headline
+        assert cells[11] == f"{best:.2f}, test" and best > final  # the best epoch in its own column, picked on test
     assert rows["BN"][6] == "90.50 ± 0.71" and rows["BN"][8] == "2"  # the same, worked out by hand
     assert rows["WN"][8] == "2 (1 diverged left out)"  # the diverged seed's 50.00 is in no mean
     assert "Left out of the means: 1 run(s) that did not finish (1 diverged, 0 unfinished)" in seeded.text

@@ -240,11 +240,12 @@ def test_report_table_equals_the_runs_files_and_the_plots_are_pngs(swept):
         record = runs[{"BN": "bn", "IN": "in"}[cells[2]], cells[3]]
         stats, head = pd.read_csv(record.statistics), json.loads(record.args.read_text())
         assert cells[4] == f"{head['params'] / 1e6:.2f}" and cells[5] == human(head["flops"])
-        # one seed: the final epoch's accuracy, no spread; the best epoch apart, labelled as picked on the test set
+        # one seed: the final epoch's accuracy, no spread; the best epoch apart, labelled as picked on the test set,
+        # the only split these runs have
         assert cells[6:9] == [f"{stats.test_top1.iloc[-1]:.2f}", f"{stats.test_top5.iloc[-1]:.2f}", "1"]
-        assert cells[11] == f"{stats.test_top1.max():.2f}"
+        assert cells[11] == f"{stats.test_top1.max():.2f}, test"
         assert cells[12:15] == ["2 / 90", "**--width 8**", "cpu"] and head["git_commit"].startswith(cells[15][:7])
-    assert "Best-epoch Top1 (%), picked on the test set" in (results / "results.md").read_text()
+    assert "Best-epoch Top1 (%), picked on |" in (results / "results.md").read_text()
     comparisons = (results / "comparisons.md").read_text()
     assert comparisons.count("| IN (1) | BN (1) |") == 2 and comparisons.count("n = 1, no interval") == 2
     pictures = {folder: list((results / folder).rglob("*.png")) for folder in ("curves", "layers", "signal")}
@@ -281,7 +282,7 @@ def test_report_puts_the_originals_numbers_beside_ours(tmp_path):
     report.main(["--results_dir", str(tmp_path), "--readme", str(readme), "--min_epochs", "3"])
     text = (tmp_path / "results.md").read_text()
     ours = r"\| ResNet18 \| IN \| 32 \| 11\.16 \| 556\.66M \| 91\.20 \| 99\.60 \| 1 \| "  # the final epoch's
-    assert re.search(ours + r"90\.11 \| 99\.66 \| 91\.50 \| 3 / 90 \| defaults \| NVIDIA H100 80GB HBM3 \|", text)
+    assert re.search(ours + r"90\.11 \| 99\.66 \| 91\.50, test \| 3 / 90 \| defaults \| NVIDIA H100 80GB HBM3 \|", text)
     assert re.search(r"\| ResNet18 \| BN \| 1 \| .* \| diverged \| diverged \| 0 \(1 diverged left out\) \| "
                      r"10\.00 \| 50\.00 \| - \|", text)
     assert text in readme.read_text() and "old" not in readme.read_text() and readme.read_text().endswith("tail\n")

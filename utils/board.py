@@ -106,8 +106,10 @@ class Board:
             return
         step = row.epoch * self.steps_per_epoch
         with self._writing():
-            for name in ("loss", "top1", "top5"):
-                self.writer.add_scalar(f"test/{name}", getattr(row, f"test_{name}"), step)
+            for split in ("test", "val"):  # val: where the run holds out a validation split
+                for name in ("loss", "top1", "top5"):
+                    if getattr(row, f"{split}_{name}") is not None:
+                        self.writer.add_scalar(f"{split}/{name}", getattr(row, f"{split}_{name}"), step)
             for r in layer_rows:
                 for stat, value in r.items():
                     if stat not in ("epoch", "layer", "kind") and not math.isnan(value):

@@ -56,13 +56,14 @@ EVAL_BATCH_SIZE = 500
 
 @dataclass
 class Data:
-    """This rank's train and test loaders. Each yields (images (B, 3, H, W) float, labels (B,)) and has
-    set_epoch(epoch, start_step), num_images and init_batch(n)."""
+    """This rank's train, test and validation loaders (val None without --val_images). Each yields (images
+    (B, 3, H, W) float, labels (B,)) and has set_epoch(epoch, start_step), num_images and init_batch(n)."""
     train: object
     test: object
+    val: Optional[object]
     num_classes: int
-    train_images: int  # in the whole training split, all ranks together, after --subset
-    fingerprint: str  # of the whole dataset as read, before --subset: a resume must see the same data
+    train_images: int  # trained on, all ranks together: after --val_images holds out and --subset picks
+    fingerprint: str  # of the whole dataset as read, and of the split: a resume must see the same data
 
 
 def resolve_path(data_name: str, path: Optional[str]) -> Optional[str]:
@@ -84,17 +85,29 @@ def fixed_sample(total: int, n: int) -> torch.Tensor:
     return torch.randperm(total, generator=torch.Generator().manual_seed(0))[:n]
 
 
-def sample(images: torch.Tensor, labels: torch.Tensor, n: int) -> tuple:
-    keep = fixed_sample(len(labels), n)
-    return images[keep], labels[keep]
+def split_indices(total: int, val_images: int, subset: int) -> tuple:
+    """(validation, training) indices into a training split of `total` images, the same for every seed, norm
+    and recipe: in fixed_sample's fixed random order, the first --val_images are held out, never trained on,
+    and the next --subset are the training images; without --subset every other image is, in its own order.
+    (None, None) for the whole split untouched, without either flag."""
+    if not (val_images or subset):
+        return None, None
+    order = fixed_sample(total, total)
+    train = order[val_images:val_images + subset] if subset else order[val_images:].sort().values
+    return order[:val_images], train
 
 
 def check_sizes(args, train_images: int, world: int) -> None:
-    """The limits the data puts on --subset and --batch_size, as argparse would word them."""
-    if args.subset > train_images:
-        raise flag_error("--subset", f"must be at most {train_images}, the training images of {args.data_name}, "
+    """The limits the data puts on --val_images, --subset and --batch_size, as argparse would word them."""
+    if args.val_images >= train_images:
+        raise flag_error("--val_images", f"must be less than {train_images}, the training images of "
+                                         f"{args.data_name}, so that some are left to train on, got {args.val_images}")
+    left = train_images - args.val_images
+    if args.subset > left:
+        held_out = f" once --val_images holds out {args.val_images}" if args.val_images else ""
+        raise flag_error("--subset", f"must be at most {left}, the training images of {args.data_name}{held_out}, "
                                      f"got {args.subset}")
-    per_process = -(-(args.subset or train_images) // world)
+    per_process = -(-(args.subset or left) // world)
     if args.batch_size > per_process:
         raise flag_error("--batch_size", f"must be at most {per_process}, the training images per process, "
                                          f"got {args.batch_size}")
@@ -107,14 +120,20 @@ def build_loaders(args, ctx) -> Data:
     spec = DATASETS[args.data_name]
     with ctx.main_first():  # rank 0 downloads, if the files are not there
         splits = synthetic_splits() if args.data_name == "synthetic" else load_cifar(args.data_path, args.data_name)
-    check_sizes(args, len(splits["train"][1]), ctx.world)
-    fingerprint = tensors_fingerprint(*splits["train"], *splits["test"])
+    (images, labels), (test_images, test_labels) = splits["train"], splits["test"]
+    check_sizes(args, len(labels), ctx.world)
+    val, train = split_indices(len(labels), args.val_images, args.subset)
+    fingerprint = tensors_fingerprint(images, labels, test_images, test_labels, *([val] if args.val_images else []))
     if args.subset:  # the whole test split where it has fewer
-        splits = {split: sample(*pair, min(args.subset, len(pair[1]))) for split, pair in splits.items()}
+        test = fixed_sample(len(test_labels), min(args.subset, len(test_labels)))
+        test_images, test_labels = test_images[test], test_labels[test]
     kwargs = dict(mean_std=spec.mean_std, device=ctx.device, rank=ctx.rank, world=ctx.world)
-    return Data(CifarLoader(*splits["train"], args.batch_size, train=True, seed=args.seed, **kwargs),
-                CifarLoader(*splits["test"], EVAL_BATCH_SIZE, train=False, **kwargs),
-                spec.num_classes, len(splits["train"][1]), fingerprint)
+    evaluated = dict(batch_size=EVAL_BATCH_SIZE, train=False, **kwargs)
+    train_images, train_labels = (images, labels) if train is None else (images[train], labels[train])
+    return Data(CifarLoader(train_images, train_labels, args.batch_size, train=True, seed=args.seed, **kwargs),
+                CifarLoader(test_images, test_labels, **evaluated),
+                CifarLoader(images[val], labels[val], **evaluated) if args.val_images else None,
+                spec.num_classes, len(train_labels), fingerprint)
 
 
 @functools.lru_cache(maxsize=None)
@@ -286,7 +305,8 @@ def read_image(path: str) -> Image.Image:
 
 def imagenet_data(args, ctx) -> Data:
     """ImageFolder train/ and val/ under --data_path, cut to --subset, sharded over the ranks, read by
-    DataLoader workers. The head gets one class per folder of train/, and val/ must have the same folders."""
+    DataLoader workers. The head gets one class per folder of train/, and val/ must have the same folders.
+    ImageNet's val/ is the test split here; --val_images holds its images out of train/."""
     from torchvision import datasets, transforms  # see load_cifar
     root = Path(args.data_path)
     normalize = transforms.Normalize(*DATASETS["imagenet"].mean_std)
@@ -301,18 +321,24 @@ def imagenet_data(args, ctx) -> Data:
                         f"{only['train/'][:5] or 'none'}; only in val/: {only['val/'][:5] or 'none'}); "
                         f"give both the same classes")
     check_sizes(args, len(train_set), ctx.world)
+    num_classes, (held_out, train) = len(train_set.classes), split_indices(len(train_set), args.val_images, args.subset)
     # The files' names and classes, not their bytes: reading 1.3M images to hash them would take as long as an epoch.
     listing = [(str(Path(path).relative_to(root)), target) for s in (train_set, val_set) for path, target in s.samples]
+    listing += [held_out.tolist()] if args.val_images else []
     fingerprint = hashlib.sha1(json.dumps(listing).encode()).hexdigest()[:16]
-    num_classes, n_train = len(train_set.classes), args.subset or len(train_set)
+    if args.val_images:  # train/'s images, seen as evaluation sees them
+        held_out = Subset(datasets.ImageFolder(str(root / "train"), eval_tf, loader=read_image), held_out.tolist())
+    if train is not None:
+        train_set = Subset(train_set, train.tolist())
     if args.subset:
-        train_set = Subset(train_set, fixed_sample(len(train_set), n_train).tolist())
         val_set = Subset(val_set, fixed_sample(len(val_set), min(args.subset, len(val_set))).tolist())
     kwargs = dict(num_workers=args.workers, pin_memory=ctx.device.type == "cuda", persistent_workers=args.workers > 0)
     sampler = ResumableSampler(train_set, num_replicas=ctx.world, rank=ctx.rank, shuffle=True, seed=args.seed)
-    val_shard = Subset(val_set, range(ctx.rank, len(val_set), ctx.world))  # no padding: every image counted once
-    return Data(EpochLoader(train_set, args.batch_size, sampler=sampler, **kwargs),
-                EpochLoader(val_shard, EVAL_BATCH_SIZE, **kwargs), num_classes, n_train, fingerprint)
+
+    def shard(dataset):  # no padding: every image counted once
+        return EpochLoader(Subset(dataset, range(ctx.rank, len(dataset), ctx.world)), EVAL_BATCH_SIZE, **kwargs)
+    return Data(EpochLoader(train_set, args.batch_size, sampler=sampler, **kwargs), shard(val_set),
+                shard(held_out) if args.val_images else None, num_classes, len(train_set), fingerprint)
 
 
 def imagenet_folders(root: Path, datasets, train_tf=None, eval_tf=None) -> tuple:

@@ -48,9 +48,14 @@ class EpochRow:
     test_top1: float
     test_top5: float
     seconds: float  # the epoch's training and evaluation
+    # on the --val_images held out of the training split; None without it, as in runs made before it
+    val_loss: Optional[float] = None
+    val_top1: Optional[float] = None
+    val_top5: Optional[float] = None
 
 
 EPOCH_COLUMNS = [f.name for f in fields(EpochRow)]
+VAL_COLUMNS = [c for c in EPOCH_COLUMNS if c.startswith("val_")]  # the last of them
 
 
 def git_commit() -> str:
@@ -153,6 +158,14 @@ class RunRecord:
         """The record of recipe at seed under results_dir: in the folder whose recipe.json holds the recipe, or
         where a new one would go. Nothing is made before the record is entered."""
         return cls(recipe_folder(results_dir, recipe, context), recipe, seed, enabled, keep_checkpoint, context)
+
+    @classmethod
+    def of_args(cls, args, device_type: str, world: int = 1, enabled: bool = False) -> "RunRecord":
+        """The record of the run that cls.py's flags name, on a device of this type and `world` processes: what
+        cls.py writes, and sweep.py and the tests read."""
+        context = Context.of(args, device_type, world)
+        return cls.of(args.results_dir, Recipe.resolve(args, context), args.seed, context, enabled,
+                      args.keep_checkpoint)
 
     @property
     def name(self) -> str:

@@ -14,9 +14,10 @@ import pandas as pd
 from recipe import IDENTITY, Context
 from utils.cli import UserError
 from utils.files import read_json, read_torch, write_csv
-from utils.record import EPOCH_COLUMNS, RECIPE, RunRecord, runs
+from utils.record import EPOCH_COLUMNS, RECIPE, VAL_COLUMNS, RunRecord, runs
 
-RESULT_COLUMNS = ["status", "epochs_done", "best_top1", "best_top5", "final_top1", "final_top5", "params_m", "flops",
+RESULT_COLUMNS = ["status", "epochs_done", "best_top1", "best_top5", "best_on", "final_top1", "final_top5",
+                  "final_val_top1", "params_m", "flops",
                   "peak_lr", "init_images_used", "data_fingerprint", "train_images", "device", "device_name",
                   "git_commit", "torch_version", "cuda_version", "weights"]
 SUMMARY_COLUMNS = ["name", "seed", *IDENTITY, *RESULT_COLUMNS]
@@ -27,19 +28,23 @@ class Skipped(Exception):
 
 
 def statistics(record: RunRecord) -> pd.DataFrame:
-    """The run's statistics.csv, every epoch once from 1 and every cell a finite number, or Skipped."""
+    """The run's statistics.csv, every epoch once from 1 and every cell a finite number, or Skipped. The
+    validation columns are empty without --val_images, and absent from the files of versions before it."""
     try:
         epochs = pd.read_csv(record.statistics)
     except FileNotFoundError:
         return pd.DataFrame(columns=EPOCH_COLUMNS)
     except Exception as e:  # EmptyDataError, ParserError, UnicodeDecodeError, OSError: the file is bad
         raise Skipped(f"cannot read {record.statistics} ({type(e).__name__})") from None
-    if list(epochs.columns) != EPOCH_COLUMNS:
+    if list(epochs.columns) not in (EPOCH_COLUMNS, EPOCH_COLUMNS[:-len(VAL_COLUMNS)]):
         raise Skipped(f"{record.statistics} has the columns {', '.join(map(str, epochs.columns))}, not "
                       f"{', '.join(EPOCH_COLUMNS)}")
-    numbers = epochs.apply(pd.to_numeric, errors="coerce")
-    if not np.isfinite(numbers.to_numpy(dtype=float)).all():
-        raise Skipped(f"{record.statistics} has a cell that is not a finite number")
+    numbers = epochs.apply(pd.to_numeric, errors="coerce").reindex(columns=EPOCH_COLUMNS)
+    measured = EPOCH_COLUMNS if record.recipe.val_images else EPOCH_COLUMNS[:-len(VAL_COLUMNS)]
+    if not np.isfinite(numbers[measured].to_numpy(dtype=float)).all() or \
+            not (record.recipe.val_images or numbers[VAL_COLUMNS].isna().all().all()):
+        raise Skipped(f"{record.statistics} has a cell that is not a finite number, or a validation cell without "
+                      f"--val_images")
     if numbers.epoch.tolist() != list(range(1, len(numbers) + 1)):
         raise Skipped(f"{record.statistics} has the epochs {numbers.epoch.astype(int).tolist()}, not 1 to "
                       f"{len(numbers)} once each")
@@ -77,7 +82,8 @@ def agree(record: RunRecord, head: dict, epochs: pd.DataFrame, history) -> None:
                       f"{head.get('status')} after {head.get('epochs_done')} epochs; restore args.json")
     if history is not None:
         kept = pd.DataFrame(history, columns=EPOCH_COLUMNS).to_numpy(dtype=float)
-        if kept.shape != epochs.shape or not np.allclose(kept, epochs.to_numpy(dtype=float), rtol=1e-12, atol=0):
+        if kept.shape != epochs.shape or not np.allclose(kept, epochs.to_numpy(dtype=float), rtol=1e-12, atol=0,
+                                                         equal_nan=True):
             raise Skipped(f"{record.statistics} differs from the statistics its model.pth holds; restore it")
 
 
@@ -85,10 +91,12 @@ def row(record: RunRecord, head: dict, epochs: pd.DataFrame, status: str, weight
     out = {"name": record.name, "seed": record.seed, **record.recipe.to_json(), "status": status,
            "epochs_done": len(epochs), **{k: head.get(k) for k in RESULT_COLUMNS if k in head and k != "status"},
            "params_m": round(head["params"] / 1e6, 2) if head.get("params") else None, "weights": weights}
-    if len(epochs):
-        best = epochs.loc[epochs.test_top1.idxmax()]
-        out.update(best_top1=best.test_top1, best_top5=best.test_top5, final_top1=epochs.test_top1.iloc[-1],
-                   final_top5=epochs.test_top5.iloc[-1])
+    if len(epochs):  # the best epoch picked on the validation split, where the run has one
+        best_on = "val" if record.recipe.val_images else "test"
+        best = epochs.loc[epochs[f"{best_on}_top1"].idxmax()]
+        out.update(best_top1=best.test_top1, best_top5=best.test_top5, best_on=best_on,
+                   final_top1=epochs.test_top1.iloc[-1], final_top5=epochs.test_top5.iloc[-1],
+                   final_val_top1=epochs.val_top1.iloc[-1])
     return out
 
 
