@@ -13,6 +13,7 @@ CIFAR run would take at that speed.
     python bench.py --wn_overhead --batch_size 32                   # WN against plain convs, eager fp32
     python bench.py --layer_stats_cost --batch_size 32              # the layer statistics against an epoch
     python bench.py --tensorboard_cost --batch_size 32              # TensorBoard's writes against an epoch
+    python bench.py --pack_speed 1 2 4 8 --norms bn wn gn --batch_sizes 1 2 8 32 --widths 8 64   # packed runs
 """
 from utils.cli import exit_on_ctrl_c
 
@@ -20,26 +21,28 @@ if __name__ == "__main__":
     exit_on_ctrl_c("bench.py")  # before the imports below, which take seconds (flake8: E402 is meant)
 
 import argparse
+import dataclasses
 import itertools
 import tempfile
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torchvision import transforms
 
 import cls
-from recipe import Context, Recipe, make_parser
-from model import MODELS, NORMS, Norm, ResNet, build_model, conv2d, no_norm, weight_layers
+from model import MODELS, NORMS, Norm, ResNet, build_model, conv2d, counts, no_norm, weight_layers
+from recipe import Context, Recipe, make_parser, split_runs
 from utils import runtime
 from utils.board import Board
 from utils.cli import natural_int, positive_int, run_cli
 from utils.data import DATASETS, build_loaders
-from utils.metrics import duration
+from utils.metrics import duration, human
+from utils.pack import Member, Pack, pack_size
 from utils.progress import Progress, Totals
 from utils.record import EpochRow
 # Dense bf16 tensor-core peaks from NVIDIA's data sheets, in TFLOP/s; matched in order against the name.
@@ -103,7 +106,7 @@ def measure(batches, step, args, device: torch.device) -> dict:
     for _ in range(args.steps):
         x, y = next(batches)
         step(x, y)
-        images += len(y)
+        images += y.numel()  # (B,), or (B, K) for K packed runs
     sync(device)
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
@@ -121,23 +124,33 @@ class Pipeline:
         return measure(self.batches, self.step, args, ctx.device)
 
 
-def ours(args, ctx: runtime.Context, data) -> tuple:
-    """(Pipeline, cls.Run): the training cls.py runs for args."""
-    torch.manual_seed(args.seed)
+def ours(args, ctx: runtime.Context, data, runs: int = 1) -> tuple:
+    """(Pipeline, cls.Run of the first run): the training cls.py runs for args, of `runs` seeds packed."""
     recipe = Recipe.resolve(args, Context.of(args, ctx.device.type, ctx.world))
-    run = cls.build(recipe, args, ctx, data)
+    members = []
+    for seed in range(args.seed, args.seed + runs):
+        flags = argparse.Namespace(**{**vars(args), "seed": seed})
+        run = cls.build(recipe, flags, ctx, dataclasses.replace(data, train=data.train.reseeded(seed)))
+        members.append(Member(flags, None, run))
+    pack = Pack.of(members, args, ctx, data)
     name = (f"ours: device-resident data, {'bf16' if recipe.bf16 else 'fp32'}, "
             f"{'channels_last' if ctx.memory_format == torch.channels_last else 'contiguous'}, "
-            f"compile={cls.compile_mode(args, ctx.device, ctx.world)}")
-    step = partial(cls.train_step, run.train_model, run.optimizer, run.scheduler, autocast=ctx.autocast, agc=run.agc)
-    return Pipeline(name, step, forever(data.train, ctx.to_device)), run
+            f"compile={runtime.compile_mode(args.compile, ctx)}")
+    step = partial(cls.train_step, pack, autocast=ctx.autocast)
+    return Pipeline(name, step, forever(pack.loader, ctx.to_device)), members[0].run
 
 
 def eager_fp32(model, batches, optimizer=torch.optim.AdamW, **kwargs) -> tuple:
-    """(a step function, batches) of plain eager float32 training at a constant learning rate."""
+    """(a step function, batches) of plain eager float32 training at a constant learning rate: the standard
+    loop, as pytorch/examples' ImageNet script."""
     optimizer = optimizer(model.parameters(), **kwargs)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    return partial(cls.train_step, model, optimizer, scheduler, autocast=nullcontext()), batches
+
+    def step(x, y):
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return step, batches
 
 
 def contiguous(ctx: runtime.Context):
@@ -224,7 +237,34 @@ def compare_norms(args, ctx: runtime.Context) -> None:
     best = interleaved({norm: partial(make, norm) for norm in args.norms}, args, ctx)
     bf16 = args.bf16 and ctx.device.type == "cuda"
     print_ratios(best, f"{args.backbone_type}, batch {args.batch_size}, {ctx.device_name}, as cls.py trains "
-                       f"(compile={cls.compile_mode(args, ctx.device, ctx.world)}, bf16={bf16})", budget=1.15)
+                       f"(compile={runtime.compile_mode(args.compile, ctx)}, bf16={bf16})", budget=1.15)
+
+
+def pack_speed(args, ctx: runtime.Context) -> None:
+    """K runs packed into one network against the same K one after another, as cls.py trains them, for every
+    norm of --norms, width of --widths and batch size of --batch_sizes: images/s of all the runs together."""
+    print(f"{args.backbone_type}, {ctx.device_name}, {torch.get_num_threads()} threads, compile="
+          f"{runtime.compile_mode(args.compile, ctx)}; images/s of K runs, packed and one after another (= K = 1's); "
+          f"best of {args.rounds} interleaved rounds of {args.steps} steps after {args.warmup}")
+    sizes = [k for k in args.pack_speed if k > 1]
+    print("| norm | width | batch | MACs a run's step | one after another | " +
+          " | ".join(f"packed, K = {k}" for k in sizes) + " | auto packs |\n|---|---|---|---|---|" +
+          "---|" * (len(sizes) + 1))
+    for norm, width, batch in itertools.product(args.norms or [args.norm_type], args.widths or [args.width],
+                                                args.batch_sizes or [args.batch_size]):
+        config = argparse.Namespace(**{**vars(args), "norm_type": norm, "width": width, "batch_size": batch})
+        data = build_loaders(config, ctx)
+
+        def built(k: int) -> tuple:
+            pipeline = ours(config, ctx, data, k)[0]
+            return pipeline.step, pipeline.batches
+        ms = interleaved({k: partial(built, k) for k in [1, *sizes]}, args, ctx)
+        rates = {k: k * batch * 1000 / ms[k] for k in ms}  # images a second, all K runs together
+        macs = lambda: counts(args.backbone_type, norm, data.num_classes, DATASETS[args.data_name].image_size,  # noqa
+                              width)[1]
+        auto = pack_size("auto", max(args.pack_speed), ctx.device.type, batch, macs, args.data_name, False)
+        print(f"| {norm} | {width} | {batch} | {human(batch * macs())} | {rates[1]:.1f} | " +
+              " | ".join(f"{rates[k]:.1f} ({rates[k] / rates[1]:.2f}x)" for k in sizes) + f" | {auto} |", flush=True)
 
 
 def wn_overhead(args, ctx: runtime.Context) -> None:
@@ -275,12 +315,12 @@ def tensorboard_cost(args, ctx: runtime.Context) -> None:
     seconds = []
     with tempfile.TemporaryDirectory() as folder:
         for i in range(args.rounds):
-            progress = Progress.start(1, run.optimizer, ctx.device)
+            progress = Progress.start(1, [run.optimizer], ctx.device)
             with Board(Path(folder) / str(i), True, steps, progress, weight_layers(run.model), {}) as board:
                 sync(ctx.device)
                 start = time.perf_counter()
                 for progress.step in syncs:
-                    board.step(progress, Totals(2.3, 10.0, False, progress.step * args.batch_size), args.lr)
+                    board.step(progress, Totals([2.3], [10.0], False, progress.step * args.batch_size), args.lr)
                 board.epoch(end, rows)
                 seconds.append(time.perf_counter() - start)
         size = sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file()) / args.rounds
@@ -301,13 +341,20 @@ def main(argv=None) -> None:
     parser.add_argument("--tensorboard_cost", action="store_true", help="time TensorBoard's writes against an epoch")
     parser.add_argument("--rounds", default=2, type=positive_int, help="--norms, --wn_overhead: interleaved rounds; "
                                                                "--layer_stats_cost, --tensorboard_cost: timed repeats")
-    args = cls.parse_args(argv, parser)
+    parser.add_argument("--pack_speed", nargs="+", type=positive_int, metavar="K",
+                        help="time packs of K runs against K runs one after another, for --norms, --widths, "
+                             "--batch_sizes")
+    parser.add_argument("--widths", nargs="+", type=positive_int, help="--pack_speed: these --width values")
+    parser.add_argument("--batch_sizes", nargs="+", type=positive_int, help="--pack_speed: these --batch_size values")
+    args = split_runs(cls.parse_args(argv, parser))[0]  # one run's flags: --pack_speed makes its packs itself
     if args.data_name == "imagenet":
         parser.error("bench.py compares the CIFAR pipelines; use --data_name cifar10, cifar100 or synthetic")
     if args.layer_stats_cost and not args.layer_stats:
         parser.error("--layer_stats_cost times the layer statistics, which --no-layer_stats turns off; drop one")
     ctx = runtime.setup(args)
-    if args.wn_overhead:
+    if args.pack_speed:
+        pack_speed(args, ctx)
+    elif args.wn_overhead:
         wn_overhead(args, ctx)
     elif args.layer_stats_cost:
         layer_stats_cost(args, ctx)

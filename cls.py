@@ -8,6 +8,8 @@ Examples:
     python cls.py --backbone_type resnext50 --norm_type wn_mbn --epochs 30
     python cls.py --optimizer adam --lr_schedule step --weight_decay 5e-4 --warmup_epochs 0   # the original's recipe
     python cls.py --batch_size 256 --lr_scaling sqrt         # peak lr 1e-3 x sqrt(256 / 32) (docs/statistics.md)
+    python cls.py --norm_type wn --batch_size 2 --seed 0 1 2 3    # four runs, packed into one network where it pays
+    python cls.py --seed 0 1 --lr 1e-3 3e-3                # two runs: seed 0 at lr 1e-3, seed 1 at lr 3e-3
     python cls.py --data_name imagenet --data_path /home/data/imagenet/ILSVRC2012 --workers 16
     torchrun --nproc_per_node 8 cls.py --data_name imagenet --batch_size 32    # 32 per GPU, 256 in all
     python cls.py --norm_type wn --resume                  # continue (or skip, if done) a stopped run
@@ -15,7 +17,9 @@ Examples:
 Every flag and its default: recipe.py's make_parser. A run is its recipe at a seed; its files go to
 {results_dir}/{recipe}/seed{N}/, the folder named by what it trains (cifar10_resnet18_wn_32_lr0.003): args.json,
 statistics.csv, layers.csv, checkpoint.pth (dropped when it finishes), model.pth and TensorBoard's events
-(docs/reliability.md).
+(docs/reliability.md). Several values of --seed, --lr or --weight_decay are several runs, the i-th taking the
+i-th value of each (or its only one); up to --pack of them train as one packed network (utils/pack.py), each
+writing its own folder as it would alone (docs/speed.md).
 """
 from utils.cli import exit_on_ctrl_c
 
@@ -23,28 +27,29 @@ if __name__ == "__main__":
     exit_on_ctrl_c("cls.py")  # before the imports below, which take seconds (flake8: E402 is meant)
 
 import argparse
+import dataclasses
 import math
 import shlex
 import signal
 import sys
 import time
-from contextlib import contextmanager
-from dataclasses import dataclass
+from contextlib import ExitStack, contextmanager
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import (NORMS, blocks, build_model, count_params_flops, data_dependent_init, largest_output, min_width,
+from model import (NORMS, blocks, build_model, counts, data_dependent_init, largest_output, min_width,
                    scale_residual_branches, weight_layers)
-from recipe import Recipe, make_parser
-from utils import runtime
-from utils.agc import AGC_OFF, AdaptiveGradClip
+from recipe import Recipe, make_parser, split_runs
+from utils import pack as packing, runtime
 from utils.board import Board
 from utils.cli import RunDiverged, UserError, flag_error, run_cli
 from utils.data import DATASETS, build_loaders, resolve_path
 from utils.layerstats import LayerStats
-from utils.metrics import human, topk_correct
+from utils.metrics import human
+from utils.optim import make_agc, make_optimizer, make_scheduler
+from utils.pack import Member, Pack
 from utils.progress import EpochProgress, Progress
 from utils.record import DONE, EpochRow, RunRecord, provenance
 
@@ -65,6 +70,10 @@ def parse_args(argv=None, parser=None) -> argparse.Namespace:
     if NORMS[args.norm_type].data_init and args.subset == 1:
         parser.error(f"argument --subset: must be 0 or at least 2 for --norm_type {args.norm_type}, whose init "
                      f"standardizes each channel over a batch of training images, got 1")
+    try:
+        split_runs(args)
+    except ValueError as e:
+        parser.error(str(e))
     args.data_path = resolve_path(args.data_name, args.data_path)
     return args
 
@@ -72,159 +81,117 @@ def parse_args(argv=None, parser=None) -> argparse.Namespace:
 # -----------------------------------------------------------------------------
 # one train step, one epoch, one evaluation
 
-def train_step(model, optimizer, scheduler, x, y, autocast, agc=AGC_OFF) -> tuple:
-    """One step on a batch: (the mean loss, correct top-1), both left on the device."""
+def train_step(pack: Pack, x, y, autocast) -> tuple:
+    """One step of every member on its own batch: x (B, K x 3, H, W), y (B, K). Returns each member's mean loss
+    and correct top-1, (K,) each, left on the device. A frozen member (live False) adds nothing to the loss,
+    and its optimizer takes no step."""
     with autocast:
-        logits = model(x)
-        loss = F.cross_entropy(logits, y)
-    optimizer.zero_grad(set_to_none=True)
+        logits = pack.model(x)  # (B, K, classes)
+        losses = F.cross_entropy(logits.transpose(1, 2), y, reduction="none").mean(0)  # (K,)
+        loss = torch.where(pack.live, losses, 0).sum()  # each member's gradient is its loss's alone
+    pack.net.zero_grad()
     loss.backward()
-    agc.clip()
-    optimizer.step()
-    scheduler.step()
-    return loss.detach(), topk_correct(logits.detach(), y, ks=(1,))[0]
+    for run in pack.live_runs():
+        run.agc.clip()
+        run.optimizer.step()
+        run.scheduler.step()
+    return losses.detach(), (logits.detach().argmax(-1) == y).sum(0)
 
 
-def train_one_epoch(run: "Run", loader, progress: Progress, ctx: runtime.Context, stop: runtime.StopSignal,
-                    epochs: int, board: Board) -> None:
+def train_one_epoch(pack: Pack, progress: Progress, ctx: runtime.Context, stop: runtime.StopSignal,
+                    epochs: int) -> None:
     """Train from progress.step to the end of the epoch. Raises Interrupted at the first safe point after a
-    signal, Diverged on a NaN or infinite loss; under DDP all ranks agree on both, through the all-reduce
-    of Progress.totals every few steps."""
+    signal; under DDP all ranks agree on it, through the all-reduce of Progress.totals every few steps, where a
+    member whose loss went NaN or infinite is frozen (and the pack ends, Diverged, with none left)."""
+    loader = pack.loader
+
     def images_done() -> int:  # in this epoch, all ranks together
         return ctx.world * min(progress.step * loader.batch_size, loader.num_images)
 
-    run.train_model.train()
+    pack.model.train()
     every = max(1, min(SYNC_EVERY, len(loader) // 10))
     shown = EpochProgress(progress.epoch, epochs, ctx.world * loader.num_images, images_done(), ctx.is_main)
     try:
         for x, y in loader:
-            loss, correct = train_step(run.train_model, run.optimizer, run.scheduler, *ctx.to_device(x, y),
-                                       ctx.autocast, run.agc)
-            progress.loss += loss.float() * len(y)
+            losses, correct = train_step(pack, *ctx.to_device(x, y), ctx.autocast)
+            progress.loss += losses.to(progress.loss.dtype) * len(y)
             progress.correct += correct
             progress.images += len(y)
             progress.step += 1
             if progress.step % every == 0 or (ctx.world == 1 and stop.signum):
                 totals = progress.totals(ctx, stop.signum)
-                board.step(progress, totals, run.optimizer.param_groups[0]["lr"])  # the stopping step's too
+                for k, m in pack.live_members():
+                    if not math.isfinite(totals.loss[k]):
+                        pack.freeze(k, f"loss became {totals.loss[k]} in epoch {progress.epoch} by step "
+                                       f"{progress.step}", ctx)
+                    else:  # the stopping step's point too
+                        m.board.step(progress, totals, m.run.optimizer.param_groups[0]["lr"])
                 if totals.stopping:
                     raise runtime.Interrupted(progress)
-                shown.update(images_done(), totals.loss, totals.top1)
+                shown.update(images_done(), *totals.mean([k for k, _ in pack.live_members()]))
     finally:
         shown.close()
 
 
 @torch.no_grad()
-def evaluate(model, loader, ctx: runtime.Context) -> dict:
-    """The mean loss, top-1 and top-5 over the loader's images, all ranks together; None for no loader."""
+def evaluate(model, loader, ctx: runtime.Context, k: int) -> list:
+    """Each of the k members' mean loss, top-1 and top-5 over the loader's images, all ranks together; Nones
+    for no loader."""
     if loader is None:
-        return dict.fromkeys(("loss", "top1", "top5"))
+        return [dict.fromkeys(("loss", "top1", "top5"))] * k
     model.eval()
-    sums = torch.zeros(4, device=ctx.device)  # sum of losses, correct top-1, correct top-5, images
+    sums = torch.zeros(4, k, device=ctx.device)  # sums of losses, correct top-1, correct top-5, images
     for x, y in loader:
         x, y = ctx.to_device(x, y)
         with ctx.autocast:
-            logits = model(x)
-        sums[0] += F.cross_entropy(logits.float(), y, reduction="sum")
-        sums[1:3] += topk_correct(logits, y)
+            logits = model(x.repeat(1, k, 1, 1)).float()  # every member's, on the same images: (B, K, classes)
+        y = y[:, None].expand(-1, k)
+        sums[0] += F.cross_entropy(logits.transpose(1, 2), y, reduction="none").sum(0)
+        top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices == y[..., None]  # (B, K, 5)
+        sums[1] += top[..., 0].sum(0)
+        sums[2] += top.any(-1).sum(0)
         sums[3] += len(y)
-    loss_sum, top1, top5, n = ctx.all_sum(sums).tolist()
-    return {"loss": loss_sum / n, "top1": 100 * top1 / n, "top5": 100 * top5 / n}
+    loss, top1, top5, n = ctx.all_sum(sums).tolist()
+    return [{"loss": loss[i] / n[i], "top1": 100 * top1[i] / n[i], "top5": 100 * top5[i] / n[i]} for i in range(k)]
 
 
 # -----------------------------------------------------------------------------
 # model, optimizer, schedule
 
-def make_optimizer(model: nn.Module, recipe: Recipe, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW (decoupled decay, Loshchilov & Hutter 2019) or Adam (L2 added to the gradient, the original's) at
-    the recipe's peak lr, with parameters grouped by role as timm's param_groups_weight_decay: the decay acts
-    on conv and linear weights (WN's v and WS's raw weight among them), never on gains (WN's g, scaled WS's
-    gain, norm affines) or biases, as DeepMind's NFNet optimizer. Under Adam's coupled L2, the weight of a
-    layer with its own gain (WN's v, scaled WS's weight) is left undecayed too: w depends on v / ||v|| only,
-    so L2 changes nothing the loss sees, and Adam scales it to a step of about lr per element, which
-    collapses ||v|| where the loss gives v no gradient (g = 0) and makes the gradient through g v / ||v||
-    explode once g moves: WN went NaN this way on an H100 (docs/recipe.md)."""
-    decayed = {id(layer.direction) for layer in weight_layers(model).values()
-               if recipe.optimizer == "adamw" or layer.gain is None}
-    params = list(model.parameters())
-    groups = [{"params": [p for p in params if id(p) in decayed], "weight_decay": recipe.weight_decay},
-              {"params": [p for p in params if id(p) not in decayed], "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW if recipe.optimizer == "adamw" else torch.optim.Adam
-    return optimizer(groups, lr=recipe.peak_lr(), fused=device.type == "cuda")
-
-
-def make_agc(model: nn.Module, recipe: Recipe) -> AdaptiveGradClip:
-    """AGC (--agc) on every conv's weight tensor, WN's v and WS's raw weight among them, by role as the
-    optimizer's groups: not on gains, biases or norm affines, and never on the final linear, which Brock et
-    al. 2021b (section 4.1) found better left unclipped."""
-    layers = weight_layers(model).values()
-    return AdaptiveGradClip([layer.direction for layer in layers if layer.module is not model.fc], recipe.agc)
-
-
-def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
-    """The learning rate of step `step` (0-based, of `total`) as a fraction of the peak: a linear warmup to 1
-    over the first `warmup` steps, then a cosine to 0 at the end of the run, or x0.1 at 50% and at 75% of it."""
-    if step < warmup:
-        return (step + 1) / warmup
-    if schedule == "step":
-        return 0.1 ** sum(step >= int(total * f) for f in (0.5, 0.75))
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))
-
-
-def make_scheduler(optimizer, recipe: Recipe, steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
-    # One pure function of the step inside torch's LambdaLR: exact at any step, so a resumed run replays it,
-    # where chaining LinearLR and CosineAnnealingLR in SequentialLR computes the cosine recursively.
-    total, warmup = recipe.epochs * steps_per_epoch, round(recipe.warmup_epochs * steps_per_epoch)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer,
-                                             lambda step: lr_factor(step, total, warmup, recipe.lr_schedule))
-
-
-def compile_mode(args, device: torch.device, world: int = 1) -> str:
-    # On CUDA an eager step is bound by the host launching kernels (~12 ms at batch 32 and at 128 on an H100),
-    # which CUDA graphs remove; the last, smaller batch of an epoch records a second graph once.
-    # Under DDP, graphs have crashed (pytorch/pytorch#128218), so there they wait for an explicit
-    # --compile reduce-overhead. On the CPU compiling costs minutes and gains little.
-    if args.compile != "auto":
-        return args.compile
-    return "reduce-overhead" if device.type == "cuda" and world == 1 else "off"
-
-
-@dataclass
+@dataclasses.dataclass
 class Run:
-    """What a run trains. train_model is model as the train step calls it, wrapped for DDP and compiled where
-    asked; evaluation, the layer statistics and the checkpoints use model itself."""
+    """What a run trains: its network (as its own, unpacked), optimizer, schedule, layer statistics and AGC."""
     model: nn.Module
-    train_model: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     layer_stats: LayerStats
-    agc: AdaptiveGradClip
+    agc: object
     params: int
     flops: int
 
-    def state(self, progress: Progress, ctx: runtime.Context) -> dict:
-        """Everything a resume needs besides the record's history: collective under DDP."""
-        return {**{name: getattr(self, name).state_dict() for name in ("model", "optimizer", "scheduler",
-                                                                       "layer_stats")},
-                "progress": progress.state_dict(ctx), "rng": runtime.rng_states()}
+    def weights(self) -> dict:
+        """The network's state dict, each tensor a copy: a packed member's tensors are views of the pack's, all
+        of which torch.save would write."""
+        return {k: v.clone() for k, v in self.model.state_dict().items()}
 
-    def load(self, state: dict, ctx: runtime.Context, source) -> Progress:
-        """The run and the RNGs as a checkpoint's state (read from `source`) left them; returns where training
-        stood. A state that does not fit, as another norm's network, is refused in one line, not torch's list
-        of every layer name."""
+    def state(self, progress: dict) -> dict:
+        """Everything a resume needs besides the record's history, as a run alone's; progress: its part of the
+        pack's Progress.state_dicts."""
+        return {"model": self.weights(),
+                **{name: getattr(self, name).state_dict() for name in ("optimizer", "scheduler", "layer_stats")},
+                "progress": progress, "rng": runtime.rng_states()}
+
+    def load(self, state: dict, source) -> dict:
+        """The run as a checkpoint's state (read from `source`) left it; returns its progress. A state that does
+        not fit, as another norm's network, is refused in one line, not torch's list of every layer name."""
         part = "state"
         try:
             for part in ("model", "optimizer", "scheduler", "layer_stats"):
                 getattr(self, part).load_state_dict(state[part])
-            part = "rng"
-            runtime.set_rng_states(state["rng"])
-            part = "progress"
-            progress = Progress.from_state(state["progress"], ctx)
+            return state["progress"]
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             raise UserError(f"{source} does not fit this run: its {part} does not load ({type(e).__name__}), as "
                             f"with another norm's or backbone's checkpoint; move it away to start over") from None
-        ctx.log(f"resuming at epoch {progress.epoch}, step {progress.step}")
-        return progress
 
 
 def initialize(model: nn.Module, recipe: Recipe, data, ctx: runtime.Context) -> None:
@@ -253,91 +220,91 @@ def initialize(model: nn.Module, recipe: Recipe, data, ctx: runtime.Context) -> 
 
 
 def build(recipe: Recipe, args, ctx: runtime.Context, data) -> Run:
+    """A run's network from its own seed, as a run alone builds it; data: its own, its loader seeded so."""
+    runtime.seed(args.seed)
     model = build_model(recipe.backbone_type, recipe.norm_type, data.num_classes,
                         cifar_stem=DATASETS[recipe.data_name].image_size == 32, width=recipe.width)
-    params, flops = count_params_flops(model, DATASETS[recipe.data_name].image_size)
     model.to(ctx.device)
     initialize(model, recipe, data, ctx)  # before DDP wraps the model, whose constructor hands every rank rank 0's
     if recipe.sync_bn:
         model = NORMS[recipe.norm_type].sync(model)
     model = model.to(ctx.device, memory_format=ctx.memory_format)
-    train_model = model
-    if ctx.world > 1:
-        device_ids = None if ctx.device.type == "cpu" else [ctx.device.index]
-        train_model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-    mode = compile_mode(args, ctx.device, ctx.world)
-    if mode != "off":
-        train_model = torch.compile(train_model, mode=mode)
     optimizer = make_optimizer(model, recipe, ctx.device)
     probe = ctx.to_device(*data.train.init_batch(PROBE_IMAGES)) if args.layer_stats else None
     stats = LayerStats(model, weight_layers(model), blocks(model), probe, ctx.autocast)
-    return Run(model, train_model, optimizer, make_scheduler(optimizer, recipe, len(data.train)), stats,
-               make_agc(model, recipe), params, flops)
+    size = DATASETS[recipe.data_name].image_size
+    return Run(model, optimizer, make_scheduler(optimizer, recipe, len(data.train)), stats, make_agc(model, recipe),
+               *counts(recipe.backbone_type, recipe.norm_type, data.num_classes, size, recipe.width))
 
 
 # -----------------------------------------------------------------------------
 # the loop
 
-def run_epoch(run: Run, data, record: RunRecord, board: Board, progress: Progress, ctx: runtime.Context,
-              stop: runtime.StopSignal, epochs: int) -> Progress:
-    """Finish the epoch under way, evaluate it, and record it; returns the progress of the next epoch."""
-    epoch = progress.epoch
-    data.train.set_epoch(epoch, progress.step)
+def run_epoch(pack: Pack, data, progress: Progress, ctx: runtime.Context, stop: runtime.StopSignal,
+              epochs: int) -> Progress:
+    """Finish the epoch under way, evaluate it, and record it for every member that still trains; returns the
+    progress of the next epoch."""
+    epoch, k = progress.epoch, len(pack.members)
+    pack.loader.set_epoch(epoch, progress.step)
     start = time.time()
     try:
-        train_one_epoch(run, data.train, progress, ctx, stop, epochs, board)
+        train_one_epoch(pack, progress, ctx, stop, epochs)
     finally:
         progress.seconds += time.time() - start
     train = progress.totals(ctx)
     start = time.time()
-    test, val = evaluate(run.model, data.test, ctx), evaluate(run.model, data.val, ctx)
-    if not math.isfinite(test["loss"]):  # NaN logits still give a top-1: a number that is no result
-        raise runtime.Diverged(f"the test loss became {test['loss']} in epoch {epoch}")
-    row = EpochRow(epoch, progress.lr, train.loss, train.top1, test["loss"], test["top1"], test["top5"],
-                   progress.seconds + time.time() - start, val["loss"], val["top1"], val["top5"])
-    layer_rows, following = run.layer_stats.rows(epoch), Progress.start(epoch + 1, run.optimizer, ctx.device)
-    if epoch < epochs:
-        record.end_epoch(row, layer_rows, run.state(following, ctx))
-    else:
-        record.finish(row, layer_rows, run.model.state_dict(), run.state(following, ctx))
-    board.epoch(row, layer_rows)
-    ctx.log(f"epoch {epoch}/{epochs}: train loss {train.loss:.4f} top-1 {train.top1:.2f}% | test loss "
-            f"{test['loss']:.4f} top-1 {test['top1']:.2f}% top-5 {test['top5']:.2f}% | "
-            + (f"val top-1 {val['top1']:.2f}% | " if data.val else "") + f"{row.seconds:.1f} s")
+    tests, vals = evaluate(pack.net, data.test, ctx, k), evaluate(pack.net, data.val, ctx, k)
+    seconds = progress.seconds + time.time() - start  # the pack's: each of its runs took as long
+    following = Progress.start(epoch + 1, [m.run.optimizer for m in pack.members], ctx.device)
+    states = following.state_dicts(ctx)
+    for i, m in pack.live_members():
+        test, val = tests[i], vals[i]
+        if not math.isfinite(test["loss"]):  # NaN logits still give a top-1: a number that is no result
+            pack.freeze(i, f"the test loss became {test['loss']} in epoch {epoch}", ctx)
+            continue
+        row = EpochRow(epoch, progress.lr[i], train.loss[i], train.top1[i], test["loss"], test["top1"], test["top5"],
+                       seconds, val["loss"], val["top1"], val["top5"])
+        layer_rows = m.run.layer_stats.rows(epoch)
+        if epoch < epochs:
+            m.record.end_epoch(row, layer_rows, m.run.state(states[i]))
+        else:
+            m.record.finish(row, layer_rows, m.run.weights(), m.run.state(states[i]))
+        m.board.epoch(row, layer_rows)
+        ctx.log(f"epoch {epoch}/{epochs}" + (f" {m.record.name}" if k > 1 else "") + f": train loss "
+                f"{row.train_loss:.4f} top-1 {row.train_top1:.2f}% | test loss {row.test_loss:.4f} top-1 "
+                f"{row.test_top1:.2f}% top-5 {row.test_top5:.2f}% | "
+                + (f"val top-1 {row.val_top1:.2f}% | " if data.val else "") + f"{row.seconds:.1f} s")
     return following
 
 
 @contextmanager
-def stopping(record: RunRecord, run: Run, ctx: runtime.Context):
-    """The loop's StopSignal. A divergence, or a signal, is recorded as such and ends the run with one line."""
+def stopping(pack: Pack, ctx: runtime.Context):
+    """The loop's StopSignal. A signal is recorded as such, each member saving its checkpoint, and ends the
+    run with one line; so does a pack whose every member diverged."""
     with runtime.StopSignal() as stop:
         try:
             yield stop
-        except runtime.Diverged as e:
-            record.diverge(str(e))
-            raise RunDiverged(f"{record.name} diverged: {e}. Its {len(record.epochs)} finished epochs are in "
-                              f"{record.statistics}, and it is recorded as diverged") from None
+        except runtime.Diverged:
+            pass  # each member recorded its own divergence, and said so
         except runtime.Interrupted as e:
-            record.interrupt(run.state(e.progress, ctx))
+            states = e.progress.state_dicts(ctx)
+            for i, m in pack.live_members():
+                m.record.interrupt(m.run.state(states[i]))
             command = shlex.join([*runtime.launcher(), *sys.argv] + ([] if "--resume" in sys.argv else ["--resume"]))
+            saved = ", ".join(str(m.record.checkpoint) for _, m in pack.live_members())
             raise UserError(f"stopped by {signal.Signals(stop.signum).name} in epoch {e.progress.epoch} after step "
-                            f"{e.progress.step}; {record.checkpoint} is saved. Continue with: {command}",
+                            f"{e.progress.step}; {saved} saved. Continue with: {command}",
                             exit_code=128 + stop.signum) from None
 
 
-def run_head(args, record: RunRecord, ctx: runtime.Context, data, run: Run) -> dict:
-    """The run's args.json: its recipe and seed, every flag as given, where and how it ran, what it trained on."""
-    return {"name": record.name, "recipe": record.recipe.to_json(), "seed": args.seed, "flags": vars(args),
-            "device": str(ctx.device), "compile": compile_mode(args, ctx.device, ctx.world),
-            "peak_lr": record.recipe.peak_lr(), "data_fingerprint": data.fingerprint, "train_images": data.train_images,
-            "params": run.params, "flops": run.flops, **provenance(ctx.device_name)}
-
-
-def say_what_does_nothing(args, recipe: Recipe, ctx: runtime.Context) -> None:
-    if args.device is None and ctx.device.type == "cpu":  # here, not first: an error before it is one line alone
-        ctx.log("notice: no CUDA device found, training on the CPU")
-    for flag in recipe.unused(args):
-        ctx.log(f"notice: --{flag} does nothing for --norm_type {recipe.norm_type} on {ctx.world} process(es)")
+def run_head(m: Member, pack: list, ctx: runtime.Context, data) -> dict:
+    """The run's args.json: its recipe and seed, every flag as given, where and how it ran, what it trained on,
+    and the runs it trained with, packed (itself alone, when not)."""
+    return {"name": m.record.name, "recipe": m.record.recipe.to_json(), "seed": m.args.seed, "flags": vars(m.args),
+            "device": str(ctx.device), "compile": runtime.compile_mode(m.args.compile, ctx),
+            "peak_lr": m.record.recipe.peak_lr(), "data_fingerprint": data.fingerprint,
+            "train_images": data.train_images, "params": m.run.params, "flops": m.run.flops,
+            "pack": [other.record.name for other in pack], **provenance(ctx.device_name)}
 
 
 def left_alone(record: RunRecord, args, ctx: runtime.Context) -> bool:
@@ -352,36 +319,92 @@ def left_alone(record: RunRecord, args, ctx: runtime.Context) -> bool:
     return status in DONE
 
 
-def main(args: argparse.Namespace) -> None:
-    """One run: trained from the start, resumed from its checkpoint, or left alone if it is a result already.
-    Its folder is made only once the data and the network have passed their checks, and it is asked again,
-    under the run's lock, whether another process finished it meanwhile."""
-    ctx = runtime.setup(args)
-    with ctx.main_first():  # rank 0 downloads the data whose size a default may need
-        record = RunRecord.of_args(args, ctx.device.type, ctx.world, enabled=ctx.is_main)
-    if left_alone(record, args, ctx):
-        return
-    data = build_loaders(args, ctx)
-    run = build(record.recipe, args, ctx, data)
-    with record:
-        if left_alone(record, args, ctx):
+def still_to_train(members: list, args, ctx: runtime.Context) -> list:
+    """The members that are not a result already, as rank 0 reads their files: every rank trains the same runs."""
+    keep = ctx.main_decides(lambda: [not left_alone(m.record, args, ctx) for m in members])
+    return [m for m, k in zip(members, keep) if k]
+
+
+def packs(pending: list, args, device_type: str, num_classes: int) -> list:
+    """Runs of one recipe but their --seed, --lr and --weight_decay (each with its .record), in packs of at most
+    --pack (auto: as many as pay, utils/pack.py) that stand at the same step of their checkpoints, so that a
+    pack steps them together. sweep.py packs its grid's runs so too."""
+    r = pending[0].record.recipe
+    macs = lambda: counts(r.backbone_type, r.norm_type, num_classes, DATASETS[r.data_name].image_size,  # noqa: E731
+                          r.width)[1]
+    size = packing.pack_size(args.pack, len(pending), device_type, r.batch_size, macs, r.data_name, r.sync_bn)
+    return packing.chunks(pending, size, lambda m: m.record.resume_point() if args.resume else (1, 0))
+
+
+def start(pack: list, ctx: runtime.Context, data) -> Progress:
+    """Where the pack starts: its members' checkpoints, each this run's on this data, all at one step; or the
+    first step. Writes each member's args.json."""
+    heads = [run_head(m, pack, ctx, data) for m in pack]
+    checkpoints = [m.record.resumable(head) if m.args.resume else None for m, head in zip(pack, heads)]
+    progress = Progress.start(1, [m.run.optimizer for m in pack], ctx.device)
+    if checkpoints[0] is not None:
+        states = [m.run.load(c["state"], m.record.checkpoint) for m, c in zip(pack, checkpoints)]
+        runtime.set_rng_states(checkpoints[0]["state"]["rng"])
+        progress = Progress.from_states(states, ctx)
+        ctx.log(f"resuming at epoch {progress.epoch}, step {progress.step}")
+    for m, head, checkpoint in zip(pack, heads, checkpoints):
+        m.record.start(head, checkpoint)
+    return progress
+
+
+def train(pack: list, args, ctx: runtime.Context, data) -> None:
+    """A pack of runs, from their start or their checkpoints, to their end. Their folders are made only once
+    the data and the networks have passed their checks, and each is asked again, under its run's lock,
+    whether another process finished it meanwhile."""
+    for m in pack:
+        m.run = build(m.record.recipe, m.args, ctx, dataclasses.replace(data, train=data.train.reseeded(m.args.seed)))
+    with ExitStack() as held:
+        for m in pack:
+            held.enter_context(m.record)
+        pack = still_to_train(pack, args, ctx)
+        if not pack:
             return
-        head = run_head(args, record, ctx, data, run)
-        checkpoint = record.resumable(head) if args.resume else None
-        progress = (run.load(checkpoint["state"], ctx, record.checkpoint) if checkpoint
-                    else Progress.start(1, run.optimizer, ctx.device))
-        record.start(head, checkpoint)
-        say_what_does_nothing(args, record.recipe, ctx)
-        ctx.log(f"{record.name}: {run.params / 1e6:.2f}M params, {human(run.flops)} FLOPs, {ctx.world} x "
-                f"{ctx.device_name}" + (f"; curves as it trains: tensorboard --logdir {args.results_dir}"
-                                        if args.tensorboard else ""))
-        board = Board(record.dir, args.tensorboard and ctx.is_main, len(data.train), progress,
-                      weight_layers(run.model), {**record.recipe, "seed": args.seed})
-        with board, stopping(record, run, ctx) as stop:
-            while progress.epoch <= record.recipe.epochs:
-                progress = run_epoch(run, data, record, board, progress, ctx, stop, record.recipe.epochs)
-    written = [record.statistics] + ([record.layers_csv] if record.layers else [])
-    ctx.log(f"{record.name} finished: results in {', '.join(map(str, written))}; weights in {record.weights}")
+        progress = start(pack, ctx, data)
+        run = pack[0].run
+        ctx.log(f"{', '.join(m.record.name for m in pack)}: {run.params / 1e6:.2f}M params, {human(run.flops)} "
+                f"FLOPs, {ctx.world} x {ctx.device_name}" + (f", {len(pack)} runs packed" if len(pack) > 1 else "")
+                + (f"; curves as it trains: tensorboard --logdir {args.results_dir}" if args.tensorboard else ""))
+        trained = Pack.of(pack, args, ctx, data)
+        for k, m in enumerate(pack):
+            m.board = held.enter_context(Board(m.record.dir, args.tensorboard and ctx.is_main, len(trained.loader),
+                                               progress, weight_layers(m.run.model),
+                                               {**m.record.recipe, "seed": m.args.seed}, member=k))
+        with stopping(trained, ctx) as stop:
+            while progress.epoch <= pack[0].record.recipe.epochs:
+                progress = run_epoch(trained, data, progress, ctx, stop, pack[0].record.recipe.epochs)
+    for m in pack:
+        if m.live:
+            written = [m.record.statistics] + ([m.record.layers_csv] if m.record.layers else [])
+            ctx.log(f"{m.record.name} finished: results in {', '.join(map(str, written))}; weights in "
+                    f"{m.record.weights}")
+
+
+def main(args: argparse.Namespace) -> None:
+    """Each run that args name (several with several --seed, --lr or --weight_decay): trained from the start,
+    resumed from its checkpoint, or left alone if it is a result already. Exits 1 if one diverged."""
+    ctx = runtime.setup(args)
+    with ctx.main_first():  # rank 0 downloads the data whose size a default may need, and makes no folder yet
+        pending = [Member(m, RunRecord.of_args(m, ctx.device.type, ctx.world, enabled=ctx.is_main))
+                   for m in split_runs(args)]
+    pending = still_to_train(pending, args, ctx)
+    if not pending:
+        return
+    if args.device is None and ctx.device.type == "cpu":  # here, not first: an error before it is one line alone
+        ctx.log("notice: no CUDA device found, training on the CPU")
+    for flag in pending[0].record.recipe.unused(args):
+        ctx.log(f"notice: --{flag} does nothing for --norm_type {args.norm_type} on {ctx.world} process(es)")
+    grouped = packs(pending, args, ctx.device.type, DATASETS[args.data_name].num_classes)
+    data = build_loaders(pending[0].args, ctx)
+    for pack in grouped:
+        train(pack, args, ctx, data)
+    diverged = [m.why() for m in pending if not m.live]
+    if diverged:
+        raise RunDiverged("; ".join(diverged))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ standardization's convs (ws_gn, sws). Adding a norm is one entry; its layers bes
 utils/layers.py.
 """
 import copy
+import functools
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Optional, Union
@@ -306,6 +307,12 @@ def largest_output(model: nn.Module, x: torch.Tensor) -> float:
 # counters expect. The weight's own reparameterization is not counted: it costs O(weight), not O(activations).
 THOP_CUSTOM_OPS = {**dict.fromkeys([WNConv2d, StdConv2d, ScaledStdConv2d], thop.vision.basic_hooks.count_convNd),
                    WNLinear: thop.vision.basic_hooks.count_linear}
+
+
+@functools.lru_cache(maxsize=None)
+def counts(backbone_type: str, norm_type: str, num_classes: int, image_size: int, width: int) -> tuple:
+    """count_params_flops of that network, once: the same for every run of a recipe, and of a pack."""
+    return count_params_flops(build_model(backbone_type, norm_type, num_classes, image_size == 32, width), image_size)
 
 
 def count_params_flops(model: nn.Module, image_size: int) -> tuple:

@@ -27,8 +27,8 @@ from typing import Callable, Union
 
 from model import MODELS, NORMS
 from utils import runtime
-from utils.cli import (ArgumentParser, at_least, auto_or_natural_float, natural_float, natural_int, non_empty,
-                       positive_float, positive_int, seed_int)
+from utils.cli import (ArgumentParser, at_least, auto_or_natural_float, auto_or_positive_int, natural_float,
+                       natural_int, non_empty, positive_float, positive_int, seed_int)
 from utils.data import DATASETS, train_size
 
 # --lr_scaling: the power of (global batch / --lr_base_batch) that multiplies --lr. linear: Goyal et al. 2017
@@ -50,18 +50,22 @@ def make_parser(description: str = None) -> ArgumentParser:
     # the training recipe: docs/recipe.md
     r.add_argument("--optimizer", default="adamw", choices=["adamw", "adam"],
                    help="adamw: decoupled weight decay; adam: L2 added to the gradient, as the original")
-    r.add_argument("--lr", default=1e-3, type=positive_float,
-                   help="peak learning rate (at a global batch of --lr_base_batch, under --lr_scaling)")
+    r.add_argument("--lr", default=1e-3, type=positive_float, nargs="+",
+                   help="peak learning rate (at a global batch of --lr_base_batch, under --lr_scaling); several: "
+                        "one a run, as --seed's")
     r.add_argument("--lr_scaling", default="none", choices=list(LR_SCALING),
                    help="scale --lr with the global batch (--batch_size x processes): linear, sqrt, or none")
     r.add_argument("--lr_base_batch", default=32, type=positive_int, help="the global batch at which --lr holds")
-    r.add_argument("--weight_decay", default=0.05, type=natural_float,
-                   help="on conv and linear weights only; never on gains, norm affines or biases")
+    r.add_argument("--weight_decay", default=0.05, type=natural_float, nargs="+",
+                   help="on conv and linear weights only; never on gains, norm affines or biases; several: one a "
+                        "run, as --seed's")
     r.add_argument("--lr_schedule", default="cosine", choices=["cosine", "step"],
                    help="per step after the warmup: cosine to 0, or x0.1 at 50%% and 75%% of the steps")
     r.add_argument("--warmup_epochs", default=1.0, type=natural_float,
                    help="linear warmup from lr/steps to lr; at most half of --epochs, and recorded as used")
-    r.add_argument("--seed", default=0, type=seed_int, help="seeds the weights, the data order and the augmentation")
+    r.add_argument("--seed", default=0, type=seed_int, nargs="+",
+                   help="seeds the weights, the data order and the augmentation; several: a run each, trained "
+                        "together in one packed network where --pack lets them (docs/speed.md)")
     r.add_argument("--width", default=64, type=positive_int, help="channels of the stem, doubled every stage; "
                                                                    "the papers' 64, or less for quick tests")
     r.add_argument("--init_images", default=None, type=at_least(2),
@@ -102,6 +106,10 @@ def make_parser(description: str = None) -> ArgumentParser:
                    help="write TensorBoard events into the run's folder (docs/tensorboard.md)")
     h.add_argument("--compile", default="auto", choices=["auto", "off", "default", "reduce-overhead"],
                    help="torch.compile mode; auto: reduce-overhead (CUDA graphs) on one CUDA device, else off")
+    h.add_argument("--pack", default="auto", type=auto_or_positive_int,
+                   help="runs given several --seed, --lr or --weight_decay values train at most this many at once, "
+                        "packed into one network; 1: one after another; auto: 8 where one run's step is small "
+                        "enough for packing to pay on this device, else 1 (docs/speed.md)")
     return p
 
 
@@ -116,6 +124,8 @@ RESUMABLE = _dests(PARSER, "where and how it runs")  # a resumed run may change 
 DEFAULTS = {flag: PARSER.get_default(flag) for flag in RECIPE_FLAGS}
 FLOATS = [flag for flag, value in DEFAULTS.items() if isinstance(value, float)]
 HEAD = ("data_name", "backbone_type", "norm_type", "batch_size")  # every recipe's name starts with these
+# Flags whose values may differ between the runs of one pack: each run has its own tensors, optimizer and data.
+PACKABLE = ("seed", "lr", "weight_decay")
 IDENTITY = [flag for flag in RECIPE_FLAGS if flag != "seed"] + ["world_size"]  # a Recipe's keys
 # Flags whose meaning depends on the norm, cleared for norms they do nothing for: runs of different norms that
 # differ only in these are compared with each other (report.py's families).
@@ -165,6 +175,22 @@ def _spell(flag: str, value) -> str:
     if isinstance(value, list):
         return flag + "-".join(map(repr, value))
     return f"{flag}{value!r}" if isinstance(value, float) else f"{flag}{value}"
+
+
+def split_runs(args: argparse.Namespace) -> list:
+    """The runs that cls.py's flags name, one Namespace each: the i-th takes the i-th value of --seed, --lr and
+    --weight_decay, or the only one given. ValueError where the counts differ or a run is given twice."""
+    given = {flag: getattr(args, flag) if isinstance(getattr(args, flag), list) else [getattr(args, flag)]
+             for flag in PACKABLE}
+    count = max(len(values) for values in given.values())
+    if any(len(values) not in (1, count) for values in given.values()):
+        raise ValueError(f"arguments {', '.join(f'--{f}' for f in PACKABLE)}: each takes one value, or one a run, as "
+                         f"many as the others; got {', '.join(map(str, map(len, given.values())))}")
+    named = [argparse.Namespace(**{**vars(args), **{flag: values[i % len(values)] for flag, values in given.items()}})
+             for i in range(count)]
+    if len({tuple(vars(run)[f] for f in PACKABLE) for run in named}) < count:
+        raise ValueError(f"arguments {', '.join(f'--{f}' for f in PACKABLE)}: a run given twice")
+    return named
 
 
 class Recipe(Mapping):

@@ -37,10 +37,10 @@ import torch
 
 import cls
 from model import NORMS
-from recipe import RECIPE_FLAGS, make_parser as cls_parser
+from recipe import PACKABLE, RECIPE_FLAGS, make_parser as cls_parser, split_runs
 from utils import runtime, slurm
 from utils.cli import ArgumentParser, RunDiverged, UserError, auto_or_positive_int, flag_error, run_cli
-from utils.data import check_sizes, train_size
+from utils.data import DATASETS, check_sizes, train_size
 from utils.files import make_results_dir
 from utils.record import DONE, RunRecord
 from utils.results import read_results, write_summary
@@ -52,10 +52,10 @@ GIB_PER_RUN = 4
 
 
 @dataclass
-class Config:
-    """One point of the grid: its cls.py command line, that line parsed, and its run's record, to read (this
-    process writes none of its files)."""
-    argv: list
+class Point:
+    """One run of the grid: its values of the grid's flags, its cls.py flags parsed, and its record, to read
+    (this process writes none of its files)."""
+    values: dict
     args: argparse.Namespace
     record: RunRecord
     device: str  # the device type and the processes it runs on, which its recipe depends on
@@ -66,9 +66,25 @@ class Config:
         return self.record.name
 
 
+@dataclass
+class Config:
+    """What one cls.py process trains: runs of one recipe but their --seed, --lr and --weight_decay, packed
+    (or one), and its command line."""
+    points: list
+    argv: list
+
+    @property
+    def name(self) -> str:
+        return self.points[0].name + (f" and {len(self.points) - 1} more, packed" if len(self.points) > 1 else "")
+
+    @property
+    def args(self) -> argparse.Namespace:
+        return self.points[0].args
+
+
 def grid_actions(parser: argparse.ArgumentParser) -> list:
     """The recipe's flags that take a value; switches (--bf16, --sync_bn) pass through as one."""
-    return [a for a in parser._actions if a.dest in RECIPE_FLAGS and a.option_strings and a.nargs is None]
+    return [a for a in parser._actions if a.dest in RECIPE_FLAGS and a.option_strings and a.nargs in (None, "+")]
 
 
 def make_parser() -> ArgumentParser:
@@ -104,8 +120,9 @@ def check_against_data(args, world: int) -> None:
 
 
 def parse(argv=None) -> tuple:
-    """([Config], the sweep's own options). The grid is checked whole: a bad point stops the sweep before any
-    run, and points that are one run (the same recipe and seed) run once, as the sweep says."""
+    """([Point], the sweep's own options, the flags every run gets). The grid is checked whole: a bad point
+    stops the sweep before any run, and points that are one run (the same recipe and seed) run once, as the
+    sweep says."""
     opts, rest = make_parser().parse_known_args(argv)
     if opts.launcher == "slurm":  # before the grid's checks, which may read (or download) the data
         if opts.jobs != 1:
@@ -114,23 +131,45 @@ def parse(argv=None) -> tuple:
         slurm.check_cluster(opts)
     grid = {a.dest: opts.__dict__.pop(a.dest) for a in grid_actions(cls_parser())}
     grid = {flag: values for flag, values in grid.items() if values is not None}
-    configs, points = {}, {}
+    runs, points = {}, {}
     for values in itertools.product(*grid.values()):
-        argv = [f"--{flag}={value}" for flag, value in zip(grid, values, strict=True)] + rest + ["--resume"]
-        args = cls.parse_args(argv)
+        point = dict(zip(grid, values, strict=True))
+        (args,) = split_runs(cls.parse_args(command([point], rest)))  # one run's: its own value of every flag
         device, world = where_runs_go(args, opts)
         check_against_data(args, world)
-        config = Config(argv, args, RunRecord.of_args(args, device, world), device, world)
-        key = (config.record.recipe, args.seed)
-        configs.setdefault(key, config)
+        run = Point(point, args, RunRecord.of_args(args, device, world), device, world)
+        key = (run.record.recipe, args.seed)
+        runs.setdefault(key, run)
         points.setdefault(key, []).append(values)
     for key, same in points.items():
         if len(same) > 1:
             varied = [f"--{flag} {' / '.join(map(str, dict.fromkeys(v)))}" for flag, v in zip(grid, zip(*same))
                       if len(set(v)) > 1]
             print(f"sweep.py: {len(same)} points of the grid ({', '.join(varied) or 'the same values'}) train one "
-                  f"run, {configs[key].name}; it runs once", flush=True)
-    return list(configs.values()), opts
+                  f"run, {runs[key].name}; it runs once", flush=True)
+    return list(runs.values()), opts, rest
+
+
+def command(values: list, rest: list) -> list:
+    """The cls.py command line of runs with these values of the grid's flags ({flag: value} each), which
+    differ at most in --seed, --lr and --weight_decay."""
+    fixed = [f"--{flag}={value}" for flag, value in values[0].items() if flag not in PACKABLE]
+    packed = [arg for flag in PACKABLE if flag in values[0] for arg in (f"--{flag}", *(str(v[flag]) for v in values))]
+    return fixed + packed + rest + ["--resume"]
+
+
+def configs(points: list, rest: list) -> list:
+    """The runs not done yet, as cls.py processes: packed where --pack lets them (cls.packs), each pack of one
+    recipe but --lr and --weight_decay."""
+    pending, out = [p for p in points if not done(p)], []
+    same = {}
+    for p in pending:
+        same.setdefault((p.record.recipe.key(("lr", "weight_decay")), p.device, p.world), []).append(p)
+    for runs in same.values():
+        num_classes = DATASETS[runs[0].args.data_name].num_classes
+        out += [Config(pack, command([p.values for p in pack], rest))
+                for pack in cls.packs(runs, runs[0].args, runs[0].device, num_classes)]
+    return out
 
 
 def auto_jobs(n_configs: int, device) -> int:
@@ -152,18 +191,18 @@ def in_process(configs: list) -> None:
             print(f"[{i}/{len(configs)}] {config.name}", flush=True)
         torch._dynamo.reset()  # a fresh compile cache per configuration, below dynamo's recompile limit
         try:
-            cls.main(config.args)
+            cls.main(cls.parse_args(config.argv))
         except RunDiverged as e:  # a result like any other; the next configuration is independent
             if is_main:
                 print(f"sweep.py: {e}", file=sys.stderr)
 
 
-def done(config: Config) -> bool:
+def done(point: Point) -> bool:
     """Whether the run is finished or diverged, as cls.py would find it, without a process to start: refuses,
     as cls.py does, a run whose files say it was made otherwise."""
-    status = config.record.status()
+    status = point.record.status()
     if status in DONE:
-        print(f"{config.name} is already {status} in {config.args.results_dir}; nothing to do", flush=True)
+        print(f"{point.name} is already {status} in {point.args.results_dir}; nothing to do", flush=True)
     return status in DONE
 
 
@@ -187,8 +226,9 @@ class Children:
         self.env = {**os.environ, "OMP_NUM_THREADS": threads}
 
     def start(self, config: Config) -> None:
-        record = RunRecord.of_args(config.args, config.device, config.world, enabled=True)
-        record.make_folder()
+        first = config.points[0]
+        record = RunRecord.of_args(first.args, first.device, first.world, enabled=True)
+        record.make_folder()  # the pack's output goes to its first run's log
         log = record.log
         with open(log, "a") as out:
             proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("cls.py")), *config.argv],
@@ -216,7 +256,7 @@ class Children:
 def in_parallel(configs: list, jobs: int) -> None:
     """Up to `jobs` runs at once. A failure stops new starts, as with --jobs 1, and the running ones finish;
     SIGINT or SIGTERM reaches every child, which saves its checkpoint, and the sweep then stops."""
-    children, pending, failed = Children(jobs), [c for c in configs if not done(c)], None
+    children, pending, failed = Children(jobs), list(configs), None
     previous = {s: signal.signal(s, children.forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         while pending or children.running:
@@ -225,12 +265,12 @@ def in_parallel(configs: list, jobs: int) -> None:
             if not children.running:
                 break
             child = children.wait()
-            status = outcome(child, stopping=bool(children.signum))
-            print(f"{child.config.name}: {status} (exit status {child.proc.returncode})", flush=True)
-            if status.startswith("killed"):
-                failed = failed or f"{child.config.name} was {status}; its output is in {child.log}"
-            elif status == "failed":
-                failed = failed or f"{child.config.name} failed: {last_line(child.log)}"
+            for point, status in zip(child.config.points, outcome(child, bool(children.signum)), strict=True):
+                print(f"{point.name}: {status} (exit status {child.proc.returncode})", flush=True)
+                if status.startswith("killed"):
+                    failed = failed or f"{point.name} was {status}; its output is in {child.log}"
+                elif status == "failed":
+                    failed = failed or f"{point.name} failed: {last_line(child.log)}"
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
@@ -241,17 +281,19 @@ def in_parallel(configs: list, jobs: int) -> None:
                         f"start the same command again to continue", exit_code=128 + children.signum)
 
 
-def outcome(child: Child, stopping: bool) -> str:
-    """What a child's exit means: its run finished or diverged (a result either way), it stopped on the signal
-    the sweep forwarded, it was killed by a signal from elsewhere (the OOM killer's SIGKILL), or it failed."""
-    code = child.proc.returncode
+def outcome(child: Child, stopping: bool) -> list:
+    """What a child's exit means for each of its runs: finished or diverged (a result either way; cls.py exits 1
+    where one of its runs diverged), stopped on the signal the sweep forwarded, killed by a signal from
+    elsewhere (the OOM killer's SIGKILL), or failed."""
+    code, runs = child.proc.returncode, len(child.config.points)
     if code < 0 or code >= 128:  # a signal's default action, or cls.py's own exit after saving its checkpoint
         if stopping:
-            return "stopped"
+            return ["stopped"] * runs
         signum = -code if code < 0 else code - 128
-        return f"killed by {signal.Signals(signum).name if signum in signal.valid_signals() else signum}"
-    status = child.config.record.status()
-    return status if code == 0 or (code == 1 and status == "diverged") else "failed"
+        return [f"killed by {signal.Signals(signum).name if signum in signal.valid_signals() else signum}"] * runs
+    statuses = [point.record.status() for point in child.config.points]
+    ok = code == 0 or (code == 1 and "diverged" in statuses)
+    return [status if ok and status in DONE else "failed" for status in statuses]
 
 
 def last_line(log: Path) -> str:
@@ -270,9 +312,9 @@ def index(results_dir) -> None:
 
 def run(configs: list, opts) -> None:
     if opts.launcher == "slurm":
-        make_results_dir(configs[0].args.results_dir)  # one line, before anything is submitted
-        return slurm.launch([c for c in configs if not done(c)], opts)
-    make_results_dir(configs[0].args.results_dir)  # one line before any run, whatever --jobs
+        return slurm.launch(configs, opts)
+    if not configs:
+        return
     jobs = opts.jobs
     if jobs == "auto":
         jobs = auto_jobs(len(configs), configs[0].args.device)
@@ -285,13 +327,15 @@ def run(configs: list, opts) -> None:
 
 
 def main(argv=None) -> None:
-    configs, opts = parse(argv)
+    points, opts, rest = parse(argv)
+    if opts.status:
+        slurm.status(points)
+        return index(points[0].args.results_dir)
+    make_results_dir(points[0].args.results_dir)  # one line before any run, whatever --jobs or --launcher
     try:
-        if opts.status:
-            return slurm.status(configs)
-        run(configs, opts)
+        run(configs(points, rest), opts)
     finally:
-        index(configs[0].args.results_dir)
+        index(points[0].args.results_dir)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ import slurm_cluster  # noqa: E402
 from model import build_model, count_params_flops  # noqa: E402
 from utils.cli import run_cli  # noqa: E402
 from utils.data import DATASETS  # noqa: E402
-from recipe import Context, Recipe  # noqa: E402
+from recipe import Context, Recipe, split_runs  # noqa: E402
 from utils.record import EpochRow, RunRecord  # noqa: E402
 
 NARROW = ["--width", "8", "--device", "cpu", "--workers", "0"]  # a later --width or --workers overrides these
@@ -144,10 +144,16 @@ def data(tmp_path_factory):
 # -----------------------------------------------------------------------------
 # running cls.py
 
+def one_run(*flags: str):
+    """The flags of the one run these cls.py flags name."""
+    (run,) = split_runs(cls.parse_args(list(flags)))
+    return run
+
+
 def record_of(results, *flags: str, world: int = 1, device: str = "cpu") -> RunRecord:
     """The record of the run that these cls.py flags name under results, on a device of this type: where the
     test finds the run's files, as cls.py does, never by a typed file name."""
-    return RunRecord.of_args(cls.parse_args([*NARROW, *flags, "--results_dir", str(results)]), device, world)
+    return RunRecord.of_args(one_run(*NARROW, *flags, "--results_dir", str(results)), device, world)
 
 
 def run_cls_here(capsys, *args: str) -> tuple:
@@ -185,7 +191,7 @@ def fake_run(results, flags: list, top1: list, top5: list = None, status: str = 
     validation split of a run with --val_images, written through the run's own record as a real run writes it,
     without training: what the report reads. status: finished, diverged (after the epochs given) or
     incomplete."""
-    args = cls.parse_args([*flags, "--results_dir", str(results)])
+    args = one_run(*flags, "--results_dir", str(results))
     context = Context(device, 1, train_images)
     record = RunRecord.of(results, Recipe.resolve(args, context), args.seed, context, enabled=True)
     head = {"name": record.name, "recipe": record.recipe.to_json(), "seed": args.seed, "flags": vars(args),

@@ -256,11 +256,11 @@ def test_a_full_disk_is_one_line_and_leaves_no_temporary_file(data, uninterrupte
 def test_tensorboard_on_a_full_disk_is_one_line(small_disk, capsys):
     """The writer's own thread meets the full disk first; its error comes back at the next point."""
     def main():
-        progress = Progress(1, 1e-3, *torch.zeros(3).unbind())
+        progress = Progress(1, [1e-3], torch.zeros(1), torch.zeros(1), torch.zeros(()))
         with Board(small_disk / "events", True, 100, progress, {}, {"lr": 1e-3}) as board:
             fill(small_disk)
             for progress.step in range(1, 1000):
-                board.step(progress, Totals(2.3, 10.0, False, 8 * progress.step), 1e-3)
+                board.step(progress, Totals([2.3], [10.0], False, 8 * progress.step), 1e-3)
 
     hook = threading.excepthook
     status, _, err = run_here(capsys, main, "cls.py")

@@ -14,8 +14,8 @@ import torch
 
 import cls
 import report
-from conftest import (NARROW, RUN, assert_clean_failure, files_of, record_of, run_cls, run_cls_here, run_here,
-                      start_cls, write_cifar, write_imagefolder)
+from conftest import (NARROW, RUN, assert_clean_failure, files_of, one_run, record_of, run_cls, run_cls_here,
+                      run_here, start_cls, write_cifar, write_imagefolder)
 from model import build_model, count_params_flops
 from recipe import IDENTITY
 from utils import runtime
@@ -84,7 +84,7 @@ def test_synthetic_data_runs_end_to_end(tmp_path, capsys):
 
 
 def loaders(*flags):
-    args = cls.parse_args([*NARROW, *flags])
+    args = one_run(*NARROW, *flags)
     return build_loaders(args, runtime.Context(0, 1, torch.device("cpu"), nullcontext(), torch.contiguous_format))
 
 

@@ -2,6 +2,7 @@
 adaptive gradient clipping (--agc). Counts use the real widths; the rest narrow nets."""
 import math
 from contextlib import nullcontext
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -15,6 +16,8 @@ from conftest import counts, record_of, run_cls_here
 from model import (MODELS, NORMS, BasicBlock, ResNet, ScaledStdConv2d, StdConv2d, build_model, scale_residual_branches,
                    weight_layers)
 from recipe import RECIPE_FLAGS, RENAMED, residual_scales
+from utils.optim import make_agc
+from utils.pack import Member, Pack, PackedNet
 
 GAMMA_RELU = math.sqrt(2 / (1 - 1 / math.pi))
 
@@ -138,7 +141,7 @@ def test_sws_init_scales_the_gain_and_bias_of_each_branch_end_only():
 # adaptive gradient clipping
 
 def agc_of(model, clipping):
-    return cls.make_agc(model, cls.parse_args(["--agc", str(clipping)]))
+    return make_agc(model, cls.parse_args(["--agc", str(clipping)]))
 
 
 def test_agc_clips_exactly_per_unit():
@@ -198,10 +201,13 @@ def test_agc_clips_the_real_parameters_of_a_compiled_ddp_model(tmp_path):
     model.zero_grad(set_to_none=True)
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
-        wrapped = torch.compile(torch.nn.parallel.DistributedDataParallel(model), backend="aot_eager")
+        net = PackedNet([model])
+        wrapped = torch.compile(torch.nn.parallel.DistributedDataParallel(net), backend="aot_eager")
         optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # the step leaves the weights and .grad alone
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-        cls.train_step(wrapped, optimizer, scheduler, x, y, nullcontext(), agc_of(model, 0.01))
+        run = SimpleNamespace(optimizer=optimizer, scheduler=scheduler, agc=agc_of(model, 0.01))
+        pack = Pack([Member(None, None, run)], net, wrapped, None, torch.ones(1, dtype=torch.bool))
+        cls.train_step(pack, x, y[:, None], nullcontext())
     finally:
         dist.destroy_process_group()
     layers = weight_layers(model)

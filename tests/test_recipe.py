@@ -3,20 +3,22 @@ behind WN's divergence: Adam with coupled L2 on a WN layer whose v gets no gradi
 compile policy."""
 import json
 import math
+from contextlib import nullcontext
 
 import pandas as pd
 import pytest
 import torch
 import torch.nn as nn
 
-import cls
-from conftest import NARROW, record_of, run_cls_here
+from conftest import NARROW, one_run, record_of, run_cls_here
 from model import NORMS, WNConv2d, build_model
 from recipe import Context, Recipe
+from utils import runtime
+from utils.optim import make_optimizer, make_scheduler
 
 
 def args_of(*flags):
-    return cls.parse_args([*NARROW, *flags])
+    return one_run(*NARROW, *flags)
 
 
 def recipe_of(*flags):
@@ -35,7 +37,7 @@ def decays(optimizer) -> dict:
     ([], torch.optim.AdamW, 0.05), (["--optimizer", "adam", "--weight_decay", "5e-4"], torch.optim.Adam, 5e-4)])
 def test_weight_decay_goes_to_conv_and_linear_weights_only(norm, flags, kind, decay):
     model = build_model("resnet18", norm, 10, width=8)
-    optimizer = cls.make_optimizer(model, recipe_of(*flags), torch.device("cpu"))
+    optimizer = make_optimizer(model, recipe_of(*flags), torch.device("cpu"))
     assert type(optimizer) is kind
     got = decays(optimizer)
     assert set(got) == {id(p) for p in model.parameters()}
@@ -74,7 +76,7 @@ def v_norm_after_1000_steps(make_optimizer) -> float:
 
 @pytest.mark.parametrize("flags", [[], ["--optimizer", "adam", "--weight_decay", "5e-4"]])
 def test_no_documented_recipe_collapses_a_wn_layers_v(flags):
-    ratio = v_norm_after_1000_steps(lambda model: cls.make_optimizer(model, recipe_of(*flags), torch.device("cpu")))
+    ratio = v_norm_after_1000_steps(lambda model: make_optimizer(model, recipe_of(*flags), torch.device("cpu")))
     assert ratio >= 0.5
 
 
@@ -88,7 +90,7 @@ def lrs(schedule: str, epochs=10, steps=10, warmup=1.0) -> list:
     """The learning rate of every step of a run."""
     recipe = recipe_of("--lr_schedule", schedule, "--epochs", str(epochs), "--warmup_epochs", str(warmup))
     optimizer = torch.optim.AdamW([nn.Parameter(torch.zeros(1))], lr=recipe.peak_lr())
-    scheduler = cls.make_scheduler(optimizer, recipe, steps)
+    scheduler = make_scheduler(optimizer, recipe, steps)
     out = []
     for _ in range(epochs * steps):
         out.append(optimizer.param_groups[0]["lr"])
@@ -130,5 +132,6 @@ def test_one_epoch_trains_at_the_full_rate_and_the_warmup_is_recorded_as_used(tm
     ("cuda", 2, 32, "off"), ("cpu", 1, 1, "off"), ("cpu", 1, 512, "off")])
 def test_compile_policy(device, world, batch, mode):
     # CUDA graphs on one GPU at every batch size; eager on the CPU and under DDP
-    assert cls.compile_mode(args_of("--batch_size", str(batch)), torch.device(device), world) == mode
-    assert cls.compile_mode(args_of("--compile", "default"), torch.device(device), world) == "default"
+    ctx = runtime.Context(0, world, torch.device(device), nullcontext(), torch.contiguous_format)
+    assert runtime.compile_mode(args_of("--batch_size", str(batch)).compile, ctx) == mode
+    assert runtime.compile_mode(args_of("--compile", "default").compile, ctx) == "default"

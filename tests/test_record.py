@@ -12,9 +12,8 @@ import pandas as pd
 import pytest
 import torch
 
-import cls
 import recipe as recipes
-from conftest import NARROW, ROOT, RUN, files_of, record_of, run_cls_here, start_cls, write_cifar
+from conftest import NARROW, ROOT, RUN, files_of, one_run, record_of, run_cls_here, start_cls, write_cifar
 from model import build_model, data_dependent_init
 from recipe import IDENTITY, Context, Recipe
 from utils.record import RunRecord, recipe_folder
@@ -24,7 +23,7 @@ CPU = Context("cpu", 1, 40)  # the tests' data: 40 training images
 
 
 def recipe_of(*flags, device="cpu", world=1, images=40):
-    return Recipe.resolve(cls.parse_args([*NARROW, *flags]), Context(device, world, images))
+    return Recipe.resolve(one_run(*NARROW, *flags), Context(device, world, images))
 
 
 @pytest.fixture

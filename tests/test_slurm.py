@@ -188,7 +188,7 @@ def test_a_failed_job_is_named_with_its_log_and_error_and_listed_by_status(on_sl
                        "--help)"))
     log = Record(tmp_path).newest()[wn].log
     failed = rf"{re.escape(wn)}: failed \(job \d+_1\): {error}; log: {re.escape(str(log))}"
-    assert swept.code == 1 and swept.err.strip().endswith("1 of 2 configurations failed")
+    assert swept.code == 1 and swept.err.strip().endswith("1 of 2 runs failed")
     assert re.search(rf"^{failed}$", swept.out, re.M) and f"{bn}: finished" in swept.out, swept.out
     assert "1 finished, 0 diverged, 1 failed" in swept.out and log.exists()
     assert status.code == 0 and status.out.splitlines()[0] == f"{bn}: finished"

@@ -134,7 +134,7 @@ def test_a_child_killed_by_a_signal_is_reported_as_killed(tmp_path, data):
 
 
 def test_the_grid_takes_several_values_of_every_defining_flag_with_its_type_and_choices(data, capsys):
-    configs, _ = parse_sweep(["--seed", "0", "1", "--norm_type", "bn", "wn", "--lr", "1e-3", "0.001", "--no-bf16",
+    configs, _, _ = parse_sweep(["--seed", "0", "1", "--norm_type", "bn", "wn", "--lr", "1e-3", "0.001", "--no-bf16",
                               "--residual_scale", "0.5", "--data_path", str(data)])
     grid = [(c.args.seed, c.args.norm_type) for c in configs]
     assert sorted(grid) == [(0, "bn"), (0, "wn"), (1, "bn"), (1, "wn")]  # 1e-3 and 0.001 are one run
@@ -143,7 +143,7 @@ def test_the_grid_takes_several_values_of_every_defining_flag_with_its_type_and_
 
 
 def test_equal_recipes_run_once_and_distinct_values_stay_distinct(data, capsys):
-    configs, _ = parse_sweep(["--warmup_epochs", "0.5", "1", "5", "--epochs", "1", "--lr", "0.002", "0.0020000001",
+    configs, _, _ = parse_sweep(["--warmup_epochs", "0.5", "1", "5", "--epochs", "1", "--lr", "0.002", "0.0020000001",
                               "--data_path", str(data)])
     assert sorted(c.record.recipe.lr for c in configs) == [0.002, 0.0020000001]  # two runs, not one, not six
     assert len({c.record.dir for c in configs}) == 2

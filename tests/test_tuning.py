@@ -9,9 +9,8 @@ import pandas as pd
 import pytest
 import torch
 
-import cls
 import report
-from conftest import NARROW, fake_run, record_of, run_cls_here, run_here
+from conftest import NARROW, fake_run, one_run, record_of, run_cls_here, run_here
 from recipe import Context, Recipe
 from utils import runtime
 from utils.comparisons import welch_interval
@@ -21,7 +20,7 @@ CPU = runtime.Context(0, 1, torch.device("cpu"), nullcontext(), torch.contiguous
 
 
 def loaders(data, *flags):
-    args = cls.parse_args([*NARROW, "--data_path", str(data), "--batch_size", "4", *flags])
+    args = one_run(*NARROW, "--data_path", str(data), "--batch_size", "4", *flags)
     return build_loaders(args, CPU)
 
 
@@ -58,7 +57,7 @@ def test_without_a_split_the_training_images_are_as_before(data):
 def test_the_split_defines_the_run_and_its_fingerprint(data):
     plain, split = loaders(data), loaders(data, "--val_images", "10")
     assert plain.fingerprint != split.fingerprint and (plain.train_images, split.train_images) == (40, 30)
-    recipe = lambda *f: Recipe.resolve(cls.parse_args([*NARROW, *f]), Context("cpu", 1, 40))  # noqa: E731
+    recipe = lambda *f: Recipe.resolve(one_run(*NARROW, *f), Context("cpu", 1, 40))  # noqa: E731
     assert recipe() != recipe("--val_images", "10") and recipe().val_images == 0
 
 

@@ -27,13 +27,13 @@ class Board:
     its checkpoint leaves behind, so every curve holds each step once. A run that starts from its first step
     hides all earlier points.
 
-    progress: where the run starts; layers: {name: model.WeightLayer}, whose own per-channel gains (WN's g,
-    scaled WS's gain) it draws as histograms; recipe: {flag: value}, which a run that starts from its first
-    step shows as a table."""
+    progress: where the run's pack starts, of which the run is member `member` (0 for a run alone); layers:
+    {name: model.WeightLayer}, whose own per-channel gains (WN's g, scaled WS's gain) it draws as histograms;
+    recipe: {flag: value}, which a run that starts from its first step shows as a table."""
 
     def __init__(self, path: Path, enabled: bool, steps_per_epoch: int, progress: Progress, layers: dict,
-                 recipe: dict):
-        self.enabled, self.writer, self.path = enabled, None, path
+                 recipe: dict, member: int = 0):
+        self.enabled, self.writer, self.path, self.member = enabled, None, path, member
         if not enabled:
             return
         try:
@@ -45,9 +45,9 @@ class Board:
         self.gains = {name: layer.gain for name, layer in layers.items() if layer.gain is not None}
         start = self.global_step(progress.epoch, progress.step)
         # The sums of the epoch so far, at the last point: each point is the mean of the steps since the last one.
-        # On a resume mid-epoch rank 0 holds every rank's sums (Progress.from_state); one host copy per run.
-        loss, correct, images = torch.stack([progress.loss, progress.correct, progress.images]).tolist()
-        self.last = Totals(loss / max(images, 1), 100 * correct / max(images, 1), False, images)
+        # On a resume mid-epoch rank 0 holds every rank's sums (Progress.from_states); one host copy per run.
+        loss, correct, images = torch.stack([progress.loss[member], progress.correct[member], progress.images]).tolist()
+        self.last = (loss / max(images, 1), 100 * correct / max(images, 1), images)  # (loss, top1, images)
         self.excepthook, threading.excepthook = threading.excepthook, self._writer_thread_error
         try:
             with self._writing():
@@ -87,16 +87,17 @@ class Board:
         train/lr: the learning rate of the next step. totals: the epoch so far, as Progress.totals gives it."""
         if not self.enabled:
             return
-        images = totals.images - self.last.images
+        now = (totals.loss[self.member], totals.top1[self.member], totals.images)
+        (last_loss, last_top1, last_images), images = self.last, totals.images - self.last[2]
         if images > 0:
             step = self.global_step(progress.epoch, progress.step)
-            loss = (totals.loss * totals.images - self.last.loss * self.last.images) / images
-            top1 = (totals.top1 * totals.images - self.last.top1 * self.last.images) / images
+            loss = (now[0] * now[2] - last_loss * last_images) / images
+            top1 = (now[1] * now[2] - last_top1 * last_images) / images
             with self._writing():
                 self.writer.add_scalar("train/loss", loss, step)
                 self.writer.add_scalar("train/top1", top1, step)
                 self.writer.add_scalar("train/lr", lr, step)
-        self.last = totals
+        self.last = now
 
     def epoch(self, row, layer_rows: list) -> None:
         """At the end of epoch row.epoch: its test metrics (a record.EpochRow), the layer statistics as one
@@ -118,7 +119,7 @@ class Board:
                 gains = torch.cat([g.detach().float().flatten() for g in self.gains.values()]).cpu()
                 for layer, g in zip(self.gains, gains.split([g.numel() for g in self.gains.values()])):
                     self.writer.add_histogram(f"g/{layer}", g, step)
-            self.last = Totals(0.0, 0.0, False, 0)  # the next epoch's sums start from zero
+            self.last = (0.0, 0.0, 0)  # the next epoch's sums start from zero
             self.writer.flush()
 
     def close(self) -> None:

@@ -1,4 +1,5 @@
 """The datasets: CIFAR read into device-resident loaders, synthetic images, and ImageNet class folders."""
+import copy
 import functools
 import hashlib
 import itertools
@@ -248,6 +249,12 @@ class CifarLoader:
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         self.epoch, self.start_step = epoch, start_step
 
+    def reseeded(self, seed: int) -> "CifarLoader":
+        """The same images on the device, drawn in another seed's order, crops and flips: a packed run's."""
+        other = copy.copy(self)
+        other.seed = seed
+        return other
+
     def __len__(self) -> int:
         return -(-self.num_images // self.batch_size)
 
@@ -366,7 +373,20 @@ class ResumableSampler(DistributedSampler):
 
 
 class EpochLoader(DataLoader):
-    """A DataLoader with CifarLoader's set_epoch, num_images and init_batch, so the loop treats both alike."""
+    """A DataLoader with CifarLoader's set_epoch, num_images, init_batch and reseeded, so the loop treats both
+    alike."""
+
+    def __init__(self, dataset, batch_size: int, **kwargs):
+        super().__init__(dataset, batch_size, **kwargs)
+        self.kwargs = kwargs
+
+    def reseeded(self, seed: int) -> "EpochLoader":
+        """The same images in another seed's order: another loader, with a sampler of its own."""
+        if not isinstance(self.sampler, ResumableSampler):
+            return self
+        sampler = ResumableSampler(self.dataset, num_replicas=self.sampler.num_replicas, rank=self.sampler.rank,
+                                   shuffle=True, seed=seed)
+        return EpochLoader(self.dataset, self.batch_size, **{**self.kwargs, "sampler": sampler})
 
     @property
     def num_images(self) -> int:

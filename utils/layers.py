@@ -208,16 +208,23 @@ class MeanOnlyBatchNorm2d(nn.Module):
         self.bias = nn.Parameter(torch.zeros(channels))
         self.register_buffer("running_mean", torch.zeros(channels))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W)
-        if self.training:
-            mean = x.mean(dim=(0, 2, 3), dtype=torch.float32)  # (C,)
-            if self.synchronized:
-                mean = dist_fn.all_reduce(mean) / dist.get_world_size()
-            with torch.no_grad():
-                self.running_mean.lerp_(mean, self.momentum)
-        else:
-            mean = self.running_mean
-        return x - (mean - self.bias).to(x.dtype).view(1, -1, 1, 1)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return mean_only_batch_norm(x, self.running_mean, self.bias, self.training, self.momentum, self.synchronized)
+
+
+def mean_only_batch_norm(x: torch.Tensor, running_mean: torch.Tensor, bias: torch.Tensor, training: bool,
+                         momentum: float, synchronized: bool = False) -> torch.Tensor:
+    """x (B, C, H, W) less its per-channel batch mean (the running mean, updated in place, when not training),
+    plus bias (C,)."""
+    if training:
+        mean = x.mean(dim=(0, 2, 3), dtype=running_mean.dtype)  # (C,), at least float32: the buffer's dtype
+        if synchronized:
+            mean = dist_fn.all_reduce(mean) / dist.get_world_size()
+        with torch.no_grad():
+            running_mean.lerp_(mean, momentum)
+    else:
+        mean = running_mean
+    return x - (mean - bias).to(x.dtype).view(1, -1, 1, 1)
 
 
 

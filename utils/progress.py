@@ -1,5 +1,4 @@
 """Where an epoch stands (Progress, which a checkpoint saves), and how it shows it (EpochProgress)."""
-import math
 import sys
 import time
 from dataclasses import dataclass
@@ -15,47 +14,62 @@ LOG_EVERY_FRACTION, LOG_EVERY_SECONDS = 0.1, 60.0
 
 @dataclass
 class Totals:
-    """An epoch's training so far, over all ranks."""
-    loss: float  # mean per image
-    top1: float  # %
+    """An epoch's training so far, over all ranks: per member of the pack (one member for a run alone)."""
+    loss: list  # mean per image
+    top1: list  # %
     stopping: bool  # a rank caught SIGINT or SIGTERM
-    images: float  # the images the means are over
+    images: float  # the images each member's means are over
+
+    def mean(self, members: list) -> tuple:
+        """(loss, top1) averaged over these members: what the progress line shows."""
+        return (sum(self.loss[k] for k in members) / max(len(members), 1),
+                sum(self.top1[k] for k in members) / max(len(members), 1))
 
 
 @dataclass
 class Progress:
-    """Where the run stands: the epoch under way, the learning rate of its first step, the next step in it,
-    the seconds it has taken, and this rank's sums over its steps so far, kept on the device so that no
-    step waits for the host."""
+    """Where a pack of runs (or one run) stands: the epoch under way, each member's learning rate at its first
+    step, the next step in it, the seconds it has taken, and this rank's sums over its steps so far, kept on
+    the device so that no step waits for the host. A checkpoint holds each member's part, as a run alone's."""
     epoch: int
-    lr: float
-    loss: torch.Tensor  # sum of the per-image training losses
-    correct: torch.Tensor  # training images whose top-1 was right
-    images: torch.Tensor
+    lr: list
+    loss: torch.Tensor  # (K,) sums of the per-image training losses
+    correct: torch.Tensor  # (K,) training images whose top-1 was right
+    images: torch.Tensor  # () images each member has seen
     step: int = 0
     seconds: float = 0.0
 
     @classmethod
-    def start(cls, epoch: int, optimizer: torch.optim.Optimizer, device: torch.device) -> "Progress":
-        return cls(epoch, optimizer.param_groups[0]["lr"], *torch.zeros(3, device=device).unbind())
+    def start(cls, epoch: int, optimizers: list, device: torch.device) -> "Progress":
+        k = len(optimizers)
+        return cls(epoch, [o.param_groups[0]["lr"] for o in optimizers], torch.zeros(k, device=device),
+                   torch.zeros(k, device=device), torch.zeros((), device=device))
 
     def totals(self, ctx: runtime.Context, stop_signal: int = 0) -> Totals:
-        """Raises runtime.Diverged on a NaN or infinite loss: the one place that looks."""
-        sums = torch.stack([self.loss, self.correct, self.images, torch.tensor(float(stop_signal), device=ctx.device)])
-        loss, correct, images, stopping = ctx.all_sum(sums).tolist()
-        if not math.isfinite(loss):
-            raise runtime.Diverged(f"loss became {loss} in epoch {self.epoch} by step {self.step}")
-        return Totals(loss / max(images, 1), 100 * correct / max(images, 1), bool(stopping), images)
+        """The epoch so far, all ranks together: one all-reduce, and one copy to the host."""
+        k = len(self.lr)
+        sums = torch.cat([self.loss, self.correct, self.images.view(1),
+                          torch.tensor([float(stop_signal)], device=self.loss.device)])
+        sums = ctx.all_sum(sums).tolist()
+        images, stopping = sums[2 * k:]
+        return Totals([loss / max(images, 1) for loss in sums[:k]],
+                      [100 * correct / max(images, 1) for correct in sums[k:2 * k]], bool(stopping), images)
 
-    def state_dict(self, ctx: runtime.Context) -> dict:
-        """For a checkpoint: the sums of all ranks together, which rank 0 carries on a resume."""
-        sums = ctx.all_sum(torch.stack([self.loss, self.correct, self.images]))
-        return {"epoch": self.epoch, "lr": self.lr, "step": self.step, "seconds": self.seconds, "sums": sums.cpu()}
+    def state_dicts(self, ctx: runtime.Context) -> list:
+        """For the members' checkpoints, each as a run alone's: the sums of all ranks together, which rank 0
+        carries on a resume. Collective under DDP."""
+        k = len(self.lr)
+        sums = ctx.all_sum(torch.cat([self.loss, self.correct, self.images.view(1)])).cpu()
+        return [{"epoch": self.epoch, "lr": self.lr[i], "step": self.step, "seconds": self.seconds,
+                 "sums": torch.stack([sums[i], sums[k + i], sums[2 * k]])} for i in range(k)]
 
     @classmethod
-    def from_state(cls, state: dict, ctx: runtime.Context) -> "Progress":
-        sums = state["sums"].to(ctx.device) * ctx.is_main
-        return cls(state["epoch"], state["lr"], *sums.unbind(), step=state["step"], seconds=state["seconds"])
+    def from_states(cls, states: list, ctx: runtime.Context) -> "Progress":
+        """The pack's progress from its members' checkpoints, which must have stopped at one step."""
+        sums = torch.stack([state["sums"] for state in states]).to(ctx.device) * ctx.is_main  # (K, 3)
+        first = states[0]
+        return cls(first["epoch"], [state["lr"] for state in states], sums[:, 0], sums[:, 1], sums[0, 2],
+                   step=first["step"], seconds=first["seconds"])
 
 
 class EpochProgress:

@@ -282,6 +282,13 @@ class RunRecord:
                             f"made on (fingerprint {now}, not {then}); {self.name} cannot go on with it: use the "
                             f"same data, or another --results_dir")
 
+    def resume_point(self) -> tuple:
+        """(epoch, step) that a resume starts from: its checkpoint's, or the first."""
+        if not self.checkpoint.exists():
+            return 1, 0
+        progress = read_torch(self.checkpoint, "checkpoint").get("state", {}).get("progress", {})
+        return progress.get("epoch", 1), progress.get("step", 0)
+
     def resumable(self, head: dict) -> Optional[dict]:
         """The checkpoint to resume from, checked to be this run's on this data; None where there is none."""
         saved = self.saved()

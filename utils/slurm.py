@@ -195,7 +195,8 @@ def submit(configs: list, opts, record: Record) -> list:
         shutil.rmtree(folder, ignore_errors=True)
         errors = [line.removeprefix("sbatch: error: ") for line in str(e).strip().splitlines()]
         raise UserError(f"--launcher slurm: sbatch refused the array: {'; '.join(errors)}", exit_code=2) from None
-    submitted = [Job(config.name, job.job_id, job.paths.stdout) for config, job in zip(configs, jobs, strict=True)]
+    submitted = [Job(point.name, job.job_id, job.paths.stdout) for config, job in zip(configs, jobs, strict=True)
+                 for point in config.points]  # a packed job: a row for each of its runs
     record.add(submitted)
     what = f"{len(jobs)} configurations as job array" if len(jobs) > 1 else "1 configuration as job"
     print(f"submitted {what} {jobs[0].job_id.split('_')[0]}, logs in {folder}", flush=True)
@@ -207,22 +208,22 @@ def launch(configs: list, opts) -> None:
     if not configs:
         return print("nothing to submit", flush=True)
     record, queue = Record(configs[0].args.results_dir), in_queue()
-    queued = {name: job for name, job in record.newest().items() if job.job_id in queue}
-    for config in configs:
-        if config.name in queued:
-            print(f"{config.name} is already in the queue as job {queued[config.name].job_id}; not submitted "
-                  f"again", flush=True)
-    todo = [config for config in configs if config.name not in queued]
-    jobs = (submit(todo, opts, record) if todo else []) + [queued[c.name] for c in configs if c.name in queued]
+    newest = {name: job for name, job in record.newest().items() if job.job_id in queue}
+    queued = [config for config in configs if all(point.name in newest for point in config.points)]
+    for config in queued:
+        print(f"{config.name} is already in the queue as job {newest[config.points[0].name].job_id}; not "
+              f"submitted again", flush=True)
+    todo = [config for config in configs if config not in queued]
+    jobs = (submit(todo, opts, record) if todo else []) + [newest[point.name] for c in queued for point in c.points]
     if not opts.wait:
         ids = " ".join(sorted({job.job_id.split("_")[0] for job in jobs}))
         return print(f"follow them with the same command and --status, or squeue; cancel them with: scancel {ids}")
-    wait(jobs, {config.name: config for config in configs}, opts.poll)
+    wait(jobs, {point.name: point for config in configs for point in config.points}, opts.poll)
 
 
-def wait(jobs: list, configs: dict, poll: float) -> None:
-    """A line as each job leaves the queue, with its run's outcome; the counts at the end, status 1 if any
-    failed. Ctrl-C stops the waiting only: the jobs go on."""
+def wait(jobs: list, runs: dict, poll: float) -> None:
+    """A line as each job leaves the queue, with the outcome of each run it trained; the counts at the end,
+    status 1 if any failed. Ctrl-C stops the waiting only: the jobs go on. jobs: a Job a run."""
     left, counts = list(jobs), Counter()
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
@@ -230,7 +231,7 @@ def wait(jobs: list, configs: dict, poll: float) -> None:
             queue = in_queue()
             for job in [job for job in left if job.job_id not in queue]:
                 left.remove(job)
-                outcome = outcome_of(configs[job.name])
+                outcome = outcome_of(runs[job.name])
                 counts[outcome] += 1
                 failure = f" (job {job.job_id}): {last_line(job.log)}; log: {job.log}" if outcome == "failed" else ""
                 print(f"{job.name}: {outcome}{failure}", flush=True)
@@ -245,22 +246,22 @@ def wait(jobs: list, configs: dict, poll: float) -> None:
     print(f"sweep.py: {counts['finished']} finished, {counts['diverged']} diverged, {counts['failed']} failed",
           flush=True)
     if counts["failed"]:
-        raise UserError(f"{counts['failed']} of {len(jobs)} configurations failed")
+        raise UserError(f"{counts['failed']} of {len(jobs)} runs failed")
 
 
-def outcome_of(config) -> str:
+def outcome_of(run) -> str:
     """finished or diverged, as the run's files say; else failed: its job ended without a result."""
     from utils.record import DONE  # not at the top: see the module's docstring
-    status = config.record.status()
+    status = run.record.status()
     return status if status in DONE else "failed"
 
 
-def status(configs: list) -> None:
-    """Each configuration's state, from its files and, where it was submitted, from the queue."""
+def status(runs: list) -> None:
+    """Each run's state, from its files and, where it was submitted, from the queue."""
     from utils.record import DONE  # not at the top: see the module's docstring
-    jobs = Record(configs[0].args.results_dir).newest()
-    queue = in_queue() if any(config.name in jobs for config in configs) else {}
-    for config in configs:
+    jobs = Record(runs[0].args.results_dir).newest()
+    queue = in_queue() if any(run.name in jobs for run in runs) else {}
+    for config in runs:
         files, job = config.record.status(), jobs.get(config.name)
         if job and job.job_id in queue:
             state = f"{queue[job.job_id].lower()} as job {job.job_id}" + (f", {files} so far" if files else "")
