@@ -125,7 +125,7 @@ class Pipeline:
 
 
 def ours(args, ctx: runtime.Context, data, runs: int = 1) -> tuple:
-    """(Pipeline, cls.Run of the first run): the training cls.py runs for args, of `runs` seeds packed."""
+    """(Pipeline, the first run's Run): the training cls.py runs for args, of `runs` seeds packed."""
     recipe = Recipe.resolve(args, Context.of(args, ctx.device.type, ctx.world))
     members = []
     for seed in range(args.seed, args.seed + runs):

@@ -49,7 +49,7 @@ from utils.data import DATASETS, build_loaders, resolve_path
 from utils.layerstats import LayerStats
 from utils.metrics import human
 from utils.optim import make_agc, make_optimizer, make_scheduler
-from utils.pack import Member, Pack
+from utils.pack import Member, Pack, Run
 from utils.progress import EpochProgress, Progress
 from utils.record import DONE, EpochRow, RunRecord, provenance
 
@@ -157,42 +157,6 @@ def evaluate(model, loader, ctx: runtime.Context, k: int) -> list:
 
 # -----------------------------------------------------------------------------
 # model, optimizer, schedule
-
-@dataclasses.dataclass
-class Run:
-    """What a run trains: its network (as its own, unpacked), optimizer, schedule, layer statistics and AGC."""
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    layer_stats: LayerStats
-    agc: object
-    params: int
-    flops: int
-
-    def weights(self) -> dict:
-        """The network's state dict, each tensor a copy: a packed member's tensors are views of the pack's, all
-        of which torch.save would write."""
-        return {k: v.clone() for k, v in self.model.state_dict().items()}
-
-    def state(self, progress: dict) -> dict:
-        """Everything a resume needs besides the record's history, as a run alone's; progress: its part of the
-        pack's Progress.state_dicts."""
-        return {"model": self.weights(),
-                **{name: getattr(self, name).state_dict() for name in ("optimizer", "scheduler", "layer_stats")},
-                "progress": progress, "rng": runtime.rng_states()}
-
-    def load(self, state: dict, source) -> dict:
-        """The run as a checkpoint's state (read from `source`) left it; returns its progress. A state that does
-        not fit, as another norm's network, is refused in one line, not torch's list of every layer name."""
-        part = "state"
-        try:
-            for part in ("model", "optimizer", "scheduler", "layer_stats"):
-                getattr(self, part).load_state_dict(state[part])
-            return state["progress"]
-        except (KeyError, TypeError, ValueError, RuntimeError) as e:
-            raise UserError(f"{source} does not fit this run: its {part} does not load ({type(e).__name__}), as "
-                            f"with another norm's or backbone's checkpoint; move it away to start over") from None
-
 
 def initialize(model: nn.Module, recipe: Recipe, data, ctx: runtime.Context) -> None:
     """The norm's own init, before the first step: WN's data-dependent one on a batch of --init_images

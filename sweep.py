@@ -322,7 +322,8 @@ def run(configs: list, opts) -> None:
         raise UserError("--jobs runs configurations side by side on one device; under torchrun use --jobs 1")
     if jobs == 1:
         return in_process(configs)
-    print(f"sweep.py: {len(configs)} configurations, {jobs} at a time", flush=True)
+    runs = sum(len(c.points) for c in configs)
+    print(f"sweep.py: {runs} runs in {len(configs)} processes, {jobs} at a time", flush=True)
     in_parallel(configs, jobs)
 
 

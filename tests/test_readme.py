@@ -1,5 +1,6 @@
 """The README keeps the original's usage block as the interface we mirror: every flag it lists is cls.py's,
-with the default and the choices it says; and its test command is the one CI runs."""
+with the default and the choices it says; its test command is the one CI runs; and every file it and the docs
+link to exists."""
 import ast
 import re
 
@@ -40,3 +41,17 @@ def test_the_readmes_test_command_is_the_one_ci_runs():
     command = "pip install -r requirements.txt pytest ruff && ruff check . && python -m pytest -q"
     assert command in (ROOT / "README.md").read_text()
     assert (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1] == command
+
+
+LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)|src=\"([^\"]+)\"")
+
+
+def test_every_file_the_readme_and_the_docs_link_to_exists():
+    # original-README.md is the original project's, verbatim: its links point into that project.
+    pages = [ROOT / "README.md", *sorted(p for p in (ROOT / "docs").glob("*.md") if p.name != "original-README.md")]
+    links = [(page, target) for page in pages for m in LINK.finditer(page.read_text())
+             for target in [m.group(1) or m.group(2)] if "://" not in target]
+    assert len(links) > 20  # the pattern still finds the links
+    missing = [f"{page.relative_to(ROOT)}: {target}" for page, target in links
+               if not (page.parent / target).exists()]
+    assert not missing, missing

@@ -203,11 +203,11 @@ def test_a_run_still_training_is_not_migrated(tmp_path_factory, three_seeds, cap
 def test_the_committed_cpu_example_reads_whole_and_its_table_is_its_runs_means():
     results = ROOT / "results" / "cpu-example"
     runs, skipped = read_results(results)
-    assert skipped == [] and len(runs) == 42 and (runs.status == "finished").all()
+    assert skipped == [] and len(runs) == 70 and (runs.status == "finished").all()
     seeds = {}
     for _, run in runs.iterrows():
         seeds.setdefault(run.recipe, []).append(run.seed)
-    assert len(seeds) == 14 and all(sorted(s) == [0, 1, 2] for s in seeds.values())  # every recipe at 3 seeds
+    assert len(seeds) == 14 and all(sorted(s) == [0, 1, 2, 3, 4] for s in seeds.values())  # every recipe at 5 seeds
     table = {(r[2], r[3]): r[6] for r in table_rows((results / "results.md").read_text())}
     for (norm, batch), finals in runs.groupby(["norm_type", "batch_size"]).final_top1:
         label = {"bn": "BN", "in": "IN", "gn": "GN", "wn": "WN", "wn_mbn": "WN+MBN", "ws_gn": "WS+GN", "sws": "SWS"}

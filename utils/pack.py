@@ -27,10 +27,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from utils.board import Board
-from utils.cli import flag_error
+from utils.cli import UserError, flag_error
 from utils.layers import MeanOnlyBatchNorm2d, WNConv2d, WNLinear, mean_only_batch_norm, weight_layer
 from utils.record import RunRecord
-from utils.runtime import Diverged
+from utils.layerstats import LayerStats
+from utils.runtime import Diverged, rng_states
 
 
 def rows(modules: list, stacked: torch.Tensor, put) -> None:
@@ -204,12 +205,48 @@ class PackedLoader:
 
 
 @dataclass
+class Run:
+    """What a run trains: its network (as its own, unpacked), optimizer, schedule, layer statistics and AGC."""
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    layer_stats: LayerStats
+    agc: object
+    params: int
+    flops: int
+
+    def weights(self) -> dict:
+        """The network's state dict, each tensor a copy: a packed member's tensors are views of the pack's, all
+        of which torch.save would write."""
+        return {k: v.clone() for k, v in self.model.state_dict().items()}
+
+    def state(self, progress: dict) -> dict:
+        """Everything a resume needs besides the record's history, as a run alone's; progress: its part of the
+        pack's Progress.state_dicts."""
+        return {"model": self.weights(),
+                **{name: getattr(self, name).state_dict() for name in ("optimizer", "scheduler", "layer_stats")},
+                "progress": progress, "rng": rng_states()}
+
+    def load(self, state: dict, source) -> dict:
+        """The run as a checkpoint's state (read from `source`) left it; returns its progress. A state that does
+        not fit, as another norm's network, is refused in one line, not torch's list of every layer name."""
+        part = "state"
+        try:
+            for part in ("model", "optimizer", "scheduler", "layer_stats"):
+                getattr(self, part).load_state_dict(state[part])
+            return state["progress"]
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise UserError(f"{source} does not fit this run: its {part} does not load ({type(e).__name__}), as "
+                            f"with another norm's or backbone's checkpoint; move it away to start over") from None
+
+
+@dataclass
 class Member:
     """One run of a pack: its flags (one seed, lr and weight decay), its record, and once built, what it
     trains and what it shows TensorBoard. A member that diverges is frozen, and says why."""
     args: argparse.Namespace
     record: RunRecord
-    run: Optional[object] = None  # cls.Run
+    run: Optional[Run] = None
     board: Optional[Board] = None
     diverged: Optional[str] = None
 
