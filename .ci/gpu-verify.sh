@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# One GPU call of under 10 minutes that runs what only a GPU can check. From the project's root on the GPU machine,
-# with .gpu carried (made here by `bash ../shared/gpu/prepare.sh && cp .ci/gpu-verify.sh .gpu/verify.sh`):
-#     bash .gpu/verify.sh
+# What only a GPU can check, in under 10 minutes, for a GPU machine lent for a short time. From the project's root,
+# with the requirements importable and CIFAR-10 under $DATA_PATH (default .data):
+#     bash .ci/gpu-verify.sh
 # In parallel: tests/test_cuda.py, and 15-epoch ResNet-18 runs on real CIFAR-10 (all 7 norms at batch
 # 32, bn and wn at 256) through sweep.py --jobs auto; then bench.py's packed runs at batch 2 and 32 and bench.py at
 # batch 128 (bn and wn) once the GPU is free.
-# Everything lands in results/gpu/ and comes back as $OUT/gpu.tgz. DRY=1 runs the same steps tiny on the CPU, to
-# check the script itself before spending device time.
+# Everything lands in results/gpu/ and, as one archive, in $OUT/gpu.tgz. DRY=1 runs the same steps tiny on the CPU,
+# to check the script itself before spending device time.
 set -u
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
@@ -16,10 +16,8 @@ if [[ ${DRY:-0} == 1 ]]; then
   PY=${PY:-python3}; DATA=(--data_name synthetic --subset 64); RUN=(--width 8 --epochs 2 --init_images 16 --device cpu)
   B32=8; B256=16; BENCH=(--data_name synthetic --subset 256 --device cpu --steps 2 --warmup 1 --width 8 --init_images 16); TESTS=tests/test_cuda.py
 else
-  bash .gpu/setup.sh || exit 1
-  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-  PY=python3; DATA=(--data_path .data); RUN=(--epochs 15); B32=32; B256=256
-  BENCH=(--data_path .data --steps 200 --warmup 30 --workers 8); TESTS=tests/test_cuda.py
+  PY=python3; DATA=(--data_path "${DATA_PATH:-.data}"); RUN=(--epochs 15); B32=32; B256=256
+  BENCH=("${DATA[@]}" --steps 200 --warmup 30 --workers 8); TESTS=tests/test_cuda.py
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$R/device.txt"
   $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" >> "$R/device.txt"
 fi
