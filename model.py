@@ -267,11 +267,11 @@ def data_dependent_init(model: nn.Module, x: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def scale_residual_branches(model: ResNet, scale: Union[str, float, list] = "auto") -> None:
+def scale_residual_branches(model: ResNet, scale: Union[float, list]) -> None:
     """Multiply the output of the last layer of every residual branch by `scale` (its own gain and its bias:
-    WN's g, scaled WS's gain; never the direction): one number, one per stage, or with "auto" 1/(blocks in
-    its stage), Arpit et al.
-    2019's init for WN ResNets (victorcampos7/weightnorm-init, conv2_g_gain = 1/resblocks_per_stage). After
+    WN's g, scaled WS's gain; never the direction): one number, or one per stage, as recipe.residual_scales
+    resolves --residual_scale, whose auto is 1/(blocks in its stage): Arpit et al. 2019's init for WN ResNets
+    (victorcampos7/weightnorm-init, conv2_g_gain = 1/resblocks_per_stage). After
     the data-dependent init each branch adds unit variance to the residual stream, which grows with depth;
     scaling the branches down keeps it bounded. A scale of 0 (SkipInit, Fixup) is the worst of {0, 0.5, 1}
     on an H100 (ResNet-18, 15 epochs, 82.25 / 86.03 / 83.17% top-1); see docs/norms.md. For sws,
@@ -279,7 +279,6 @@ def scale_residual_branches(model: ResNet, scale: Union[str, float, list] = "aut
     stages = model.stages()
     scales = scale if isinstance(scale, list) else [scale] * len(stages)
     for stage, s in zip(stages, scales, strict=True):
-        s = 1 / len(stage) if s == "auto" else float(s)
         for block in stage:
             end = weight_layer(getattr(block, block.branch_end))
             if end.gain is not None:

@@ -7,6 +7,7 @@ import torch
 from conftest import counts, make_images, record_of, run_cls_here, write_cifar
 from model import (MODELS, MeanOnlyBatchNorm2d, WNConv2d, WNLinear, build_model, data_dependent_init,
                    scale_residual_branches, wn_layers)
+from recipe import residual_scales
 from utils.data import DATASETS, CifarLoader
 
 
@@ -53,7 +54,7 @@ def test_deep_wn_nets_start_with_bounded_activations(backbone):
     model = build_model(backbone, "wn", 10, width=16)
     x = init_batch()
     data_dependent_init(model, x)
-    scale_residual_branches(model, "auto")  # cls.py's default
+    scale_residual_branches(model, residual_scales(backbone, "auto"))  # cls.py's default
     stages = [model.stem, *model.stages()]
     seen = outputs_of(model, stages + [model.fc], x)
     for stage in stages:
@@ -80,7 +81,7 @@ def test_auto_residual_scale_is_one_over_the_blocks_of_the_stage(backbone, block
     with torch.no_grad():
         for conv in wn_layers(model):
             conv.bias.fill_(1.0)
-    scale_residual_branches(model, "auto")
+    scale_residual_branches(model, residual_scales(backbone, "auto"))
     for stage, n in zip(model.stages(), blocks, strict=True):
         for block in stage:
             torch.testing.assert_close(block.conv2.g, block.conv2.v_norm() / n)
