@@ -62,15 +62,22 @@ def shared_buffer(modules: list, name: str) -> torch.Tensor:
     return packed
 
 
+def shell(module: nn.Module) -> nn.Module:
+    """A copy of module with its attributes (stride, expansion, ...) and its forward, but no parameters,
+    buffers or children of its own: a packed layer's or container's, to be filled with the packed ones."""
+    out = copy.copy(module)
+    out._parameters, out._buffers, out._modules = OrderedDict(), OrderedDict(), OrderedDict()
+    return out
+
+
 def packed_conv(convs: list) -> nn.Module:
     """K convs (plain, WN or WS) as one grouped conv of the same class, (B, K x in, H, W) -> (B, K x out, H', W'):
-    a copy of the first whose parameters are the stacked ones and whose channels and groups are K times."""
-    shell = copy.copy(convs[0])
-    shell._parameters, shell._buffers, shell._modules = OrderedDict(), OrderedDict(), OrderedDict()
-    stack_parameters(convs, shell)
+    a shell of the first whose parameters are the stacked ones and whose channels and groups are K times."""
+    conv = shell(convs[0])
+    stack_parameters(convs, conv)
     for name in ("in_channels", "out_channels", "groups"):
-        setattr(shell, name, len(convs) * getattr(shell, name))
-    return shell
+        setattr(conv, name, len(convs) * getattr(conv, name))
+    return conv
 
 
 class PackedLinear(nn.Module):
@@ -78,8 +85,7 @@ class PackedLinear(nn.Module):
 
     def __init__(self, linears: list):
         super().__init__()
-        self.k, self.linear = len(linears), copy.copy(linears[0])
-        self.linear._parameters, self.linear._buffers = OrderedDict(), OrderedDict()
+        self.k, self.linear = len(linears), shell(linears[0])
         stack_parameters(linears, self.linear)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -155,11 +161,10 @@ def packed(modules: list) -> nn.Module:
         if next(first.parameters(), None) is not None or next(first.buffers(), None) is not None:
             raise TypeError(f"no packed form of {type(first).__name__}, which has parameters or buffers")
         return first
-    shell = copy.copy(first)  # its attributes (stride, expansion, ...) and forward; its children replaced
-    shell._parameters, shell._buffers, shell._modules = OrderedDict(), OrderedDict(), OrderedDict()
+    container = shell(first)
     for name, _ in children:
-        setattr(shell, name, packed([getattr(m, name) for m in modules]))
-    return shell
+        setattr(container, name, packed([getattr(m, name) for m in modules]))
+    return container
 
 
 class PackedNet(nn.Module):
