@@ -226,8 +226,7 @@ class Children:
         self.env = {**os.environ, "OMP_NUM_THREADS": threads}
 
     def start(self, config: Config) -> None:
-        first = config.points[0]
-        record = RunRecord.of_args(first.args, first.device, first.world, enabled=True)
+        record = config.points[0].record
         record.make_folder()  # the pack's output goes to its first run's log
         log = record.log
         with open(log, "a") as out:
