@@ -6,6 +6,7 @@ done, (epoch - 1) x steps per epoch + step in the epoch."""
 import math
 import threading
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -15,6 +16,14 @@ from utils.progress import Progress, Totals
 from utils.files import os_error
 
 FLUSH_SECS = 30  # the longest a point waits in memory before TensorBoard can see it; every epoch end flushes too
+
+
+@dataclass
+class SoFar:
+    """One run's training in the epoch so far, all ranks together: its mean loss and top-1 (%) over images."""
+    loss: float
+    top1: float
+    images: float
 
 
 class Board:
@@ -47,7 +56,7 @@ class Board:
         # The sums of the epoch so far, at the last point: each point is the mean of the steps since the last one.
         # On a resume mid-epoch rank 0 holds every rank's sums (Progress.from_states); one host copy per run.
         loss, correct, images = torch.stack([progress.loss[member], progress.correct[member], progress.images]).tolist()
-        self.last = (loss / max(images, 1), 100 * correct / max(images, 1), images)  # (loss, top1, images)
+        self.last = SoFar(loss / max(images, 1), 100 * correct / max(images, 1), images)
         self.excepthook, threading.excepthook = threading.excepthook, self._writer_thread_error
         try:
             with self._writing():
@@ -87,12 +96,12 @@ class Board:
         train/lr: the learning rate of the next step. totals: the epoch so far, as Progress.totals gives it."""
         if not self.enabled:
             return
-        now = (totals.loss[self.member], totals.top1[self.member], totals.images)
-        (last_loss, last_top1, last_images), images = self.last, totals.images - self.last[2]
+        now, last = SoFar(totals.loss[self.member], totals.top1[self.member], totals.images), self.last
+        images = now.images - last.images
         if images > 0:
             step = self.global_step(progress.epoch, progress.step)
-            loss = (now[0] * now[2] - last_loss * last_images) / images
-            top1 = (now[1] * now[2] - last_top1 * last_images) / images
+            loss = (now.loss * now.images - last.loss * last.images) / images
+            top1 = (now.top1 * now.images - last.top1 * last.images) / images
             with self._writing():
                 self.writer.add_scalar("train/loss", loss, step)
                 self.writer.add_scalar("train/top1", top1, step)
@@ -119,7 +128,7 @@ class Board:
                 gains = torch.cat([g.detach().float().flatten() for g in self.gains.values()]).cpu()
                 for layer, g in zip(self.gains, gains.split([g.numel() for g in self.gains.values()])):
                     self.writer.add_histogram(f"g/{layer}", g, step)
-            self.last = (0.0, 0.0, 0)  # the next epoch's sums start from zero
+            self.last = SoFar(0.0, 0.0, 0)  # the next epoch's sums start from zero
             self.writer.flush()
 
     def close(self) -> None:
