@@ -261,8 +261,8 @@ def status(runs: list) -> None:
     from utils.record import DONE  # not at the top: see the module's docstring
     jobs = Record(runs[0].args.results_dir).newest()
     queue = in_queue() if any(run.name in jobs for run in runs) else {}
-    for config in runs:
-        files, job = config.record.status(), jobs.get(config.name)
+    for run in runs:
+        files, job = run.record.status(), jobs.get(run.name)
         if job and job.job_id in queue:
             state = f"{queue[job.job_id].lower()} as job {job.job_id}" + (f", {files} so far" if files else "")
         elif files in DONE:
@@ -271,7 +271,7 @@ def status(runs: list) -> None:
             state = f"failed (job {job.job_id}): {last_line(job.log)}; log: {job.log}"
         else:
             state = f"{files}, not in the queue" if files else "not submitted"
-        print(f"{config.name}: {state}", flush=True)
+        print(f"{run.name}: {state}", flush=True)
 
 
 def last_line(text_or_log) -> str:
